@@ -1,0 +1,316 @@
+"""HipMRI data: finding and validating image/label pairs, the patient-level split, and the MONAI
+transforms shared by training and prediction.
+
+Both layouts of the HipMRI release are accepted without flags:
+
+    semantic_MRs_anon/Case_004_Week0_LFOV.nii.gz   semantic_labels_anon/Case_004_Week0_SEMANTIC_LFOV.nii.gz
+    semantic_MRs/K004_Week0_LFOV.nii.gz            semantic_labels_only/K004_Week0_SEMANTIC.nii.gz
+
+Files are paired by the key (patient, week) parsed from their names, never by sorted position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset
+
+log = logging.getLogger("hipmri")
+
+CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
+ORIENTATION = "LPS"  # HipMRI's stored orientation: array order stays the order users see on disk
+
+# Case_004_Week0_LFOV.nii.gz, K004_Week0_LFOV.nii.gz, ..._SEMANTIC_LFOV / ..._SEMANTIC for labels.
+NAME_PATTERN = re.compile(
+    r"^(?:Case_|K)(?P<patient>\d+)_Week(?P<week>\d+)(?P<semantic>_SEMANTIC)?(?:_LFOV)?\.nii(?:\.gz)?$",
+    re.IGNORECASE,
+)
+
+
+class DataError(ValueError):
+    """A problem with the user's data: the message is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Case:
+    image: str
+    label: str | None
+    case_id: str  # e.g. Case_004_Week0 (the image file name without suffixes)
+    patient: str
+    week: int
+
+    def as_dict(self) -> dict:
+        item = {"image": self.image, "case_id": self.case_id, "patient": self.patient}
+        if self.label is not None:
+            item["label"] = self.label
+        return item
+
+
+def case_id_from_path(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"_LFOV$", "", name, flags=re.IGNORECASE)
+
+
+def find_cases(data_root: str | Path, require_labels: bool = True) -> list[Case]:
+    """All (image, label) pairs under ``data_root``, paired by (patient, week).
+
+    Unpaired files are reported with a warning; duplicates of one key and an empty result are
+    errors. Sorted by (patient, week) so the result does not depend on the file system's order.
+    """
+    root = Path(data_root)
+    if not root.exists():
+        raise DataError(f"{root}: data root does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: data root is not a folder")
+    images: dict[tuple[str, int], Path] = {}
+    labels: dict[tuple[str, int], Path] = {}
+    for path in sorted(root.rglob("*.nii*")):
+        match = NAME_PATTERN.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        key = (f"{int(match['patient']):03d}", int(match["week"]))
+        target = labels if match["semantic"] else images
+        if key in target:
+            raise DataError(f"{path}: a second file for patient {key[0]} week {key[1]} (first: {target[key]})")
+        target[key] = path
+    if not images and not labels:
+        raise DataError(
+            f"{root}: no HipMRI NIfTI files found (expected e.g. semantic_MRs_anon/Case_004_Week0_LFOV.nii.gz)"
+        )
+    for key in sorted(set(labels) - set(images)):
+        log.warning("%s: label without image, skipped", labels[key])
+    cases = []
+    for key in sorted(images):
+        label = labels.get(key)
+        if label is None and require_labels:
+            log.warning("%s: image without label, skipped", images[key])
+            continue
+        cases.append(Case(str(images[key]), str(label) if label else None,
+                          case_id_from_path(images[key]), key[0], key[1]))
+    if not cases:
+        raise DataError(f"{root}: no image has a matching label (pairs are matched by patient and week)")
+    return cases
+
+
+def cases_from_input(path: str | Path) -> list[Case]:
+    """Images to predict: one NIfTI file, or every NIfTI image in a folder (labels used when paired)."""
+    path = Path(path)
+    if path.is_file():
+        match = NAME_PATTERN.match(path.name)
+        patient, week = (f"{int(match['patient']):03d}", int(match["week"])) if match else ("", 0)
+        return [Case(str(path), None, case_id_from_path(path), patient, week)]
+    if path.is_dir():
+        try:
+            return find_cases(path, require_labels=False)
+        except DataError:
+            files = sorted(p for p in path.rglob("*.nii*") if p.is_file())
+            if not files:
+                raise DataError(f"{path}: no .nii or .nii.gz files found") from None
+            return [Case(str(p), None, case_id_from_path(p), "", 0) for p in files]
+    raise DataError(f"{path}: input does not exist")
+
+
+# ----------------------------------------------------------------------------- split
+
+def split_patients(patients: Sequence[str], seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> dict[str, list[str]]:
+    """Seeded patient-level split (default 6:2:2): no patient appears in two splits."""
+    unique = sorted(set(patients))
+    if len(unique) < 3:
+        raise DataError(f"need at least 3 patients for a train/val/test split, found {len(unique)}")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    shuffled = [unique[i] for i in order]
+    n_val = max(1, round(fractions[1] * len(unique)))
+    n_test = max(1, round(fractions[2] * len(unique)))
+    n_train = len(unique) - n_val - n_test
+    return {
+        "train": sorted(shuffled[:n_train]),
+        "val": sorted(shuffled[n_train:n_train + n_val]),
+        "test": sorted(shuffled[n_train + n_val:]),
+    }
+
+
+def load_or_make_split(cases: Sequence[Case], split_file: str | Path, seed: int = 0) -> dict[str, list[str]]:
+    """Reuse ``split_file`` (splits.json) when present, otherwise make a new split and save it."""
+    split_file = Path(split_file)
+    patients = sorted({c.patient for c in cases})
+    if split_file.exists():
+        try:
+            split = json.loads(split_file.read_text())
+            assigned = [p for part in ("train", "val", "test") for p in split[part]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{split_file}: not a valid split file ({error})") from None
+        if len(assigned) != len(set(assigned)):
+            raise DataError(f"{split_file}: a patient is listed in two splits")
+        unassigned = sorted(set(patients) - set(assigned))
+        if unassigned:
+            log.warning("%s: patients %s are in no split and are not used", split_file, ", ".join(unassigned))
+        return {part: list(split[part]) for part in ("train", "val", "test")}
+    split = split_patients(patients, seed)
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    split_file.write_text(json.dumps(split, indent=2) + "\n")
+    return split
+
+
+def cases_in(cases: Sequence[Case], patients: Sequence[str]) -> list[Case]:
+    wanted = set(patients)
+    return [c for c in cases if c.patient in wanted]
+
+
+# ----------------------------------------------------------------------------- transforms
+
+class LoadValidated(mt.MapTransform):
+    """Load image (and label) with MONAI's NIfTI reader and refuse a bad pair with a DataError.
+
+    Written here because no MONAI transform checks what HipMRI needs: a trailing singleton 4th
+    dimension is dropped; image and label must agree in shape and affine; labels must be whole
+    numbers in 0..num_classes-1 (float storage is fine); intensities must be finite and not
+    constant. Each failure is one line naming the file.
+    """
+
+    def __init__(self, keys: Sequence[str], num_classes: int = len(CLASS_NAMES)):
+        super().__init__(keys, allow_missing_keys=True)
+        self.num_classes = num_classes
+        self.reader = mt.LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)
+
+    def load(self, path: str) -> torch.Tensor:
+        try:
+            volume = self.reader(path)
+        except Exception as error:  # nibabel raises many types for damaged files
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"{path}: cannot be read as NIfTI ({reason[:200]})") from None
+        while volume.ndim > 3 and volume.shape[-1] == 1:
+            volume = volume[..., 0]
+        if volume.ndim != 3:
+            raise DataError(f"{path}: expected a 3D volume, got shape {tuple(volume.shape)}")
+        if min(volume.shape) < 2:
+            raise DataError(f"{path}: volume of shape {tuple(volume.shape)} is too small")
+        return volume
+
+    def __call__(self, data: dict) -> dict:
+        item = dict(data)
+        image_path = item["image"]
+        image = self.load(image_path)
+        array = image.as_tensor()
+        if not torch.isfinite(array).all():
+            raise DataError(f"{image_path}: image contains NaN or infinite intensities")
+        if float(array.max()) == float(array.min()):
+            raise DataError(f"{image_path}: image is constant ({float(array.min())}): nothing to segment")
+        item["image"] = image
+        if "label" in item:
+            label_path = item["label"]
+            label = self.load(label_path)
+            if tuple(label.shape) != tuple(image.shape):
+                raise DataError(
+                    f"{label_path}: label shape {tuple(label.shape)} differs from image shape {tuple(image.shape)}"
+                )
+            if not torch.allclose(label.affine.double(), image.affine.double(), atol=1e-3, rtol=1e-4):
+                raise DataError(f"{label_path}: label affine differs from the image's ({image_path})")
+            values = label.as_tensor()
+            if not torch.isfinite(values).all() or not torch.equal(values, values.round()):
+                raise DataError(f"{label_path}: label values are not whole numbers")
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= self.num_classes:
+                raise DataError(
+                    f"{label_path}: label values {low}..{high} outside 0..{self.num_classes - 1}"
+                )
+            item["label"] = label
+        return item
+
+
+def preprocessing(spatial_size: Sequence[int], num_classes: int = len(CLASS_NAMES)) -> mt.Compose:
+    """Deterministic preprocessing shared by training, validation and prediction.
+
+    Load and validate -> channel first -> LPS orientation -> percentile intensity normalisation
+    -> resize to ``spatial_size`` (image trilinear, label nearest: linear interpolation of label
+    values would invent classes at borders). Works on items with or without a label.
+    """
+    keys = ("image", "label")
+    return mt.Compose([
+        LoadValidated(keys, num_classes),
+        mt.EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=True),
+        mt.Orientationd(keys, axcodes=ORIENTATION, allow_missing_keys=True),
+        # MRI has no absolute intensity scale; robust percentiles ignore bright outliers.
+        mt.ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
+        mt.Resized("image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
+        mt.Resized("label", spatial_size=tuple(spatial_size), mode="nearest", allow_missing_keys=True),
+        mt.EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
+    ])
+
+
+def augmentation(patch_size: Sequence[int], num_classes: int = len(CLASS_NAMES),
+                 class_crop_ratios: Sequence[float] | None = None) -> mt.Compose:
+    """Random training augmentation applied after the cached preprocessing.
+
+    Crop (centred on each class in turn, so rare organs are seen often) -> elastic deformation
+    with small rotation and scaling in one resampling -> left-right flip only (flipping
+    superior-inferior or anterior-posterior makes anatomy that never occurs) -> intensity.
+    Rotation ranges are radians.
+    """
+    keys = ("image", "label")
+    ratios = list(class_crop_ratios) if class_crop_ratios is not None else [1.0] * num_classes
+    return mt.Compose([
+        mt.RandCropByLabelClassesd(keys, label_key="label", spatial_size=tuple(patch_size), ratios=ratios,
+                                   num_classes=num_classes, num_samples=1, allow_smaller=True, warn=False),
+        mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
+        mt.Rand3DElasticd(keys, sigma_range=(5.0, 7.0), magnitude_range=(50.0, 150.0), prob=0.3,
+                          rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
+                          mode=("bilinear", "nearest"), padding_mode="zeros"),
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=0),  # axis 0 is left-right in LPS order
+        mt.RandAdjustContrastd("image", prob=0.2, gamma=(0.7, 1.5)),
+        mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        mt.RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        mt.RandGaussianNoised("image", prob=0.15, std=0.03),
+    ])
+
+
+def cached_dataset(cases: Sequence[Case], spatial_size: Sequence[int], num_classes: int = len(CLASS_NAMES),
+                   workers: int = 0, progress: bool = False) -> CacheDataset:
+    """Preprocessed volumes held in memory: epochs do not reload or resample anything."""
+    return CacheDataset([c.as_dict() for c in cases], transform=preprocessing(spatial_size, num_classes),
+                        cache_rate=1.0, num_workers=max(workers, 1), progress=progress, copy_cache=False)
+
+
+def class_voxel_counts(dataset: CacheDataset, num_classes: int) -> np.ndarray:
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for item in dataset._cache:  # the preprocessed training labels, already in memory
+        counts += np.bincount(item["label"].as_tensor().reshape(-1).long().numpy(), minlength=num_classes)[:num_classes]
+    return counts
+
+
+def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Inverse square-root frequency, normalised to mean 1.
+
+    Full inverse frequency would weight prostate (~0.1 % of voxels) ~600x background and make
+    the cross-entropy unstable; the square root keeps rare organs weighted ~20x, not drowned.
+    A class absent from the training labels gets the largest weight of the others.
+    """
+    frequency = counts / max(counts.sum(), 1)
+    weights = np.zeros(len(counts), dtype=np.float64)
+    present = frequency > 0
+    weights[present] = 1.0 / np.sqrt(frequency[present])
+    if (~present).any():
+        weights[~present] = weights[present].max() if present.any() else 1.0
+    return (weights / weights.mean()).astype(np.float32)
+
+
+def unwrap_data_error(error: BaseException) -> DataError | None:
+    """MONAI wraps errors raised inside transforms; find our DataError in the chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DataError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
