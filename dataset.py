@@ -232,19 +232,21 @@ class LoadValidated(mt.MapTransform):
 def preprocessing(spatial_size: Sequence[int], num_classes: int = len(CLASS_NAMES)) -> mt.Compose:
     """Deterministic preprocessing shared by training, validation and prediction.
 
-    Load and validate -> channel first -> LPS orientation -> percentile intensity normalisation
-    -> resize to ``spatial_size`` (image trilinear, label nearest: linear interpolation of label
-    values would invent classes at borders). Works on items with or without a label.
+    Load and validate -> channel first -> LPS orientation -> resize to ``spatial_size`` (image by
+    area averaging, which is the anti-aliased downsampling and costs one pass; label by nearest
+    neighbour: linear interpolation of label values would invent classes at borders) ->
+    percentile intensity normalisation (on the resized volume: same result, a fraction of the
+    cost). Works on items with or without a label.
     """
     keys = ("image", "label")
     return mt.Compose([
         LoadValidated(keys, num_classes),
         mt.EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=True),
         mt.Orientationd(keys, axcodes=ORIENTATION, allow_missing_keys=True),
+        mt.Resized("image", spatial_size=tuple(spatial_size), mode="area"),
+        mt.Resized("label", spatial_size=tuple(spatial_size), mode="nearest", allow_missing_keys=True),
         # MRI has no absolute intensity scale; robust percentiles ignore bright outliers.
         mt.ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
-        mt.Resized("image", spatial_size=tuple(spatial_size), mode="trilinear", anti_aliasing=True),
-        mt.Resized("label", spatial_size=tuple(spatial_size), mode="nearest", allow_missing_keys=True),
         mt.EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
     ])
 

@@ -25,7 +25,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_hausdorff_distance
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from dataset import (CLASS_NAMES, Case, DataError, cases_from_input, cases_in, find_cases, preprocessing,
+from dataset import (CLASS_NAMES, ORIENTATION, Case, DataError, cases_from_input, cases_in, find_cases, preprocessing,
                      unwrap_data_error)
 
 log = logging.getLogger("hipmri")
@@ -128,14 +128,25 @@ def load_source(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     return data, source
 
 
-def to_source_grid(probabilities: torch.Tensor, preprocessed_image: MetaTensor, transform: mt.Compose) -> np.ndarray:
-    """Undo resizing and reorientation (MONAI's Invertd): probabilities are resampled linearly,
-    as nnU-Net does, then the arg-max gives labels on the source image's voxel grid."""
-    pred = MetaTensor(probabilities, affine=preprocessed_image.affine, meta=preprocessed_image.meta,
-                      applied_operations=preprocessed_image.applied_operations)
-    inverted = mt.Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
-        {"pred": pred, "image": preprocessed_image})["pred"]
-    return torch.as_tensor(inverted).argmax(0).to(torch.uint8).cpu().numpy()
+def to_source_grid(probabilities: torch.Tensor, preprocessed_image: MetaTensor, transform=None) -> np.ndarray:
+    """Labels on the source image's voxel grid from probabilities ``(C, X, Y, Z)`` on the
+    preprocessed grid: probabilities are resampled linearly to the source size (as nnU-Net does;
+    arg-max after interpolation never invents a class), then the LPS reorientation is undone.
+
+    Written by hand rather than with MONAI's Invertd because Invertd would upsample with the
+    image's forward mode ("area", i.e. nearest when enlarging) and give blocky organ borders.
+    """
+    source_affine = np.asarray(preprocessed_image.meta["original_affine"], dtype=float)
+    source_shape = tuple(int(s) for s in preprocessed_image.meta["spatial_shape"][:3])
+    source_orientation = nib.orientations.io_orientation(source_affine)
+    lps = nib.orientations.axcodes2ornt(ORIENTATION)
+    to_lps = nib.orientations.ornt_transform(source_orientation, lps)
+    lps_shape = nib.orientations.apply_orientation(np.empty(source_shape, dtype=bool), to_lps).shape  # a view
+    upsampled = torch.nn.functional.interpolate(torch.as_tensor(probabilities)[None].float(), size=lps_shape,
+                                                mode="trilinear", align_corners=False)[0]
+    labels = upsampled.argmax(0).to(torch.uint8).cpu().numpy()
+    back = nib.orientations.ornt_transform(lps, source_orientation)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(labels, back))
 
 
 def write_prediction(labels: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
