@@ -28,6 +28,7 @@ log = logging.getLogger("hipmri")
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
 ORIENTATION = "LPS"  # HipMRI's stored orientation: array order stays the order users see on disk
+MAX_ABS_INTENSITY = 1e30  # far above any MRI scale, far below float32's 3.4e38
 
 # Case_004_Week0_LFOV.nii.gz, K004_Week0_LFOV.nii.gz, ..._SEMANTIC_LFOV / ..._SEMANTIC for labels.
 NAME_PATTERN = re.compile(
@@ -205,6 +206,11 @@ class LoadValidated(mt.MapTransform):
         array = image.as_tensor()
         if not torch.isfinite(array).all():
             raise DataError(f"{image_path}: image contains NaN or infinite intensities")
+        # Finite but huge values (a damaged file, data read with a wrong type) overflow float32 sums
+        # in area resizing and percentile scaling and come out as NaN (found by fuzzing).
+        if float(array.abs().max()) > MAX_ABS_INTENSITY:
+            raise DataError(f"{image_path}: image intensities reach {float(array.abs().max()):.3g}, "
+                            f"beyond {MAX_ABS_INTENSITY:.0e}: a damaged file?")
         if float(array.max()) == float(array.min()):
             raise DataError(f"{image_path}: image is constant ({float(array.min())}): nothing to segment")
         item["image"] = image
@@ -213,7 +219,9 @@ class LoadValidated(mt.MapTransform):
             label = self.load(label_path)
             if tuple(label.shape) != tuple(image.shape):
                 raise DataError(
-                    f"{label_path}: label shape {tuple(label.shape)} differs from image shape {tuple(image.shape)}"
+                    # both files named: either may be the damaged one
+                    f"{label_path}: label shape {tuple(label.shape)} differs from image shape {tuple(image.shape)} "
+                    f"({image_path})"
                 )
             if not torch.allclose(label.affine.double(), image.affine.double(), atol=1e-3, rtol=1e-4):
                 raise DataError(f"{label_path}: label affine differs from the image's ({image_path})")
@@ -252,20 +260,27 @@ def preprocessing(spatial_size: Sequence[int], num_classes: int = len(CLASS_NAME
 
 
 def augmentation(patch_size: Sequence[int], num_classes: int = len(CLASS_NAMES),
-                 class_crop_ratios: Sequence[float] | None = None) -> mt.Compose:
-    """Random training augmentation applied after the cached preprocessing.
+                 class_crop_ratios: Sequence[float] | None = None, spatial_on_device: bool = False) -> mt.Compose:
+    """Random training augmentation applied after the cached preprocessing (MONAI transforms).
 
     Crop (centred on each class in turn, so rare organs are seen often) -> elastic deformation
     with small rotation and scaling in one resampling -> left-right flip only (flipping
     superior-inferior or anterior-posterior makes anatomy that never occurs) -> intensity.
-    Rotation ranges are radians.
+    Rotation ranges are radians. With ``spatial_on_device`` only the crop runs here and
+    ``DeviceAugmentation`` does the rest on the training device, batched.
     """
     keys = ("image", "label")
     ratios = list(class_crop_ratios) if class_crop_ratios is not None else [1.0] * num_classes
-    return mt.Compose([
+    crop = [
         mt.RandCropByLabelClassesd(keys, label_key="label", spatial_size=tuple(patch_size), ratios=ratios,
-                                   num_classes=num_classes, num_samples=1, allow_smaller=True, warn=False),
+                                   num_classes=num_classes, num_samples=1, allow_smaller=True, warn=False,
+                                   indices_key=CROP_INDICES_KEY, allow_missing_keys=True),
         mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
+        mt.DeleteItemsd(CROP_INDICES_KEY),  # large index arrays: no need to collate them
+    ]
+    if spatial_on_device:
+        return mt.Compose(crop)
+    return mt.Compose(crop + [
         mt.Rand3DElasticd(keys, sigma_range=(5.0, 7.0), magnitude_range=(50.0, 150.0), prob=0.3,
                           rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1),
                           mode=("bilinear", "nearest"), padding_mode="zeros"),
@@ -277,10 +292,99 @@ def augmentation(patch_size: Sequence[int], num_classes: int = len(CLASS_NAMES),
     ])
 
 
+class DeviceAugmentation:
+    """The same augmentation as ``augmentation`` (after the crop), for a whole batch on its device.
+
+    Written by hand because MONAI's Rand3DElastic works per sample, smooths a dense random field
+    with a Gaussian at full size, and runs in the loader's CPU workers: ~0.4 s per 64x64x32 crop,
+    far slower than a training step. Here the elastic field is drawn on a coarse grid of control
+    points and upsampled trilinearly (smooth by construction), composed with a small rotation
+    (radians) and scaling, and applied with one ``grid_sample`` per batch: image bilinear, label
+    nearest (never invents classes). Then a left-right flip and intensity changes (gamma,
+    scale, shift, Gaussian noise) with the probabilities of the MONAI pipeline.
+    """
+
+    def __init__(self, rotate_range: float = 0.15, scale_range: float = 0.1, elastic_prob: float = 0.3,
+                 elastic_magnitude: float = 2.0, control_points: int = 5, spatial_prob: float = 0.5,
+                 flip_prob: float = 0.5):
+        self.rotate_range = rotate_range  # radians, about each axis
+        self.scale_range = scale_range
+        self.elastic_prob = elastic_prob
+        self.elastic_magnitude = elastic_magnitude  # standard deviation of the displacement, in voxels
+        self.control_points = control_points
+        self.spatial_prob = spatial_prob
+        self.flip_prob = flip_prob
+
+    @staticmethod
+    def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
+        """(B, 3) angles in radians -> (B, 3, 3) rotations about the three axes, composed."""
+        cos, sin = angles.cos(), angles.sin()
+        one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+        rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1)
+        ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1)
+        rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1)
+        return rx.view(-1, 3, 3) @ ry.view(-1, 3, 3) @ rz.view(-1, 3, 3)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, device = images.shape[0], images.device
+        size = images.shape[2:]
+
+        def uniform(*shape, low=0.0, high=1.0):
+            return torch.rand(*shape, generator=generator, device=device) * (high - low) + low
+
+        spatial = uniform(batch) < self.spatial_prob
+        elastic = uniform(batch) < self.elastic_prob
+        if bool(spatial.any() or elastic.any()):
+            angles = uniform(batch, 3, low=-self.rotate_range, high=self.rotate_range) * spatial[:, None]
+            scales = 1 + uniform(batch, 3, low=-self.scale_range, high=self.scale_range) * spatial[:, None]
+            # Rotate in voxel units (axes have different lengths), then express in grid_sample's
+            # normalised coordinates, whose axis order is (W, H, D), i.e. (Z, Y, X) here.
+            half = torch.tensor([s / 2 for s in reversed(size)], device=device, dtype=torch.float32)
+            linear = self.rotation_matrices(angles) * scales[:, None, :]
+            linear = linear / half[None, None, :] * half[None, :, None]
+            theta = torch.cat([linear, torch.zeros(batch, 3, 1, device=device)], dim=2)
+            grid = torch.nn.functional.affine_grid(theta, [batch, 1, *size], align_corners=False)
+            coarse = torch.randn(batch, 3, *(self.control_points,) * 3, generator=generator, device=device)
+            coarse = coarse * self.elastic_magnitude * elastic[:, None, None, None, None]
+            displacement = torch.nn.functional.interpolate(coarse, size=size, mode="trilinear", align_corners=True)
+            grid = grid + displacement.permute(0, 2, 3, 4, 1) / half  # voxels -> normalised units
+            images = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                                                     align_corners=False)
+            labels = torch.nn.functional.grid_sample(labels, grid, mode="nearest", padding_mode="zeros",
+                                                     align_corners=False)
+        flip = (uniform(batch) < self.flip_prob)[:, None, None, None, None]
+        if bool(flip.any()):
+            images = torch.where(flip, images.flip(2), images)  # dim 2 is left-right (LPS array order)
+            labels = torch.where(flip, labels.flip(2), labels)
+
+        def factor(probability, low, high, neutral):
+            chosen = (uniform(batch) < probability).view(batch, 1, 1, 1, 1)
+            return torch.where(chosen, uniform(batch, low=low, high=high).view(batch, 1, 1, 1, 1), neutral)
+
+        images = images.clamp_min(0) ** factor(0.2, 0.7, 1.5, 1.0)  # gamma
+        images = images * factor(0.5, 0.9, 1.1, 1.0) + factor(0.5, -0.1, 0.1, 0.0)
+        noisy = (uniform(batch) < 0.15).view(batch, 1, 1, 1, 1)
+        if bool(noisy.any()):
+            images = images + torch.randn(images.shape, generator=generator, device=device) * 0.03 * noisy
+        return images, labels
+
+
+CROP_INDICES_KEY = "label_cls_indices"
+
+
 def cached_dataset(cases: Sequence[Case], spatial_size: Sequence[int], num_classes: int = len(CLASS_NAMES),
-                   workers: int = 0, progress: bool = False) -> CacheDataset:
-    """Preprocessed volumes held in memory: epochs do not reload or resample anything."""
-    return CacheDataset([c.as_dict() for c in cases], transform=preprocessing(spatial_size, num_classes),
+                   workers: int = 0, progress: bool = False, crop_indices: bool = False) -> CacheDataset:
+    """Preprocessed volumes held in memory: epochs do not reload or resample anything.
+
+    ``crop_indices`` also caches each class's voxel indices, so that class-centred random crops
+    do not search the label volume again at every step.
+    """
+    transform = preprocessing(spatial_size, num_classes)
+    if crop_indices:
+        transform = mt.Compose([*transform.transforms, mt.ClassesToIndicesd(
+            "label", num_classes=num_classes, indices_postfix="_cls_indices")])
+    return CacheDataset([c.as_dict() for c in cases], transform=transform,
                         cache_rate=1.0, num_workers=max(workers, 1), progress=progress, copy_cache=False)
 
 

@@ -54,7 +54,7 @@ TEXTURE_OF_TISSUE = np.array([row[3] for row in TISSUE_TABLE], dtype=np.float32)
 SOFT_TISSUE = (Tissue.FAT, Tissue.PELVIC_FAT, Tissue.MUSCLE)
 
 
-def get_args():
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder; gets semantic_MRs_anon/ and semantic_labels_anon/")
@@ -68,7 +68,7 @@ def get_args():
                         help="id of the first patient (HipMRI starts at Case_004)")
     parser.add_argument("--preview", type=Path, default=None, metavar="PNG",
                         help="save three labelled slices of the first patient's Week0 (at --shape) to this PNG")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out is None and args.preview is None:
         parser.error("give --out, --preview or both")
     return args

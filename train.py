@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dataset import (CLASS_NAMES, DataError, augmentation, cached_dataset, cases_in, class_voxel_counts,
+from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in, class_voxel_counts,
                      class_weights_from_counts, find_cases, load_or_make_split)
 from modules import ImprovedUNet3D, count_parameters
 from predict import autocast_dtype, dice_per_class, nan_mean, predict_probabilities, resolve_device, run_cli
@@ -67,6 +68,9 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="gradient checkpointing: less GPU memory, about 30%% more compute")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="regional torch.compile of the network's blocks (auto: on for CUDA)")
+    parser.add_argument("--augment", choices=("device", "loader"), default="device",
+                        help="where elastic/rotation/flip/intensity augmentation runs: batched on the training "
+                        "device (fast) or per sample in the loader with MONAI transforms")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in validation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     parser.add_argument("--patience", type=int, default=10,
@@ -108,6 +112,27 @@ def gather_lists(items: list) -> list:
         dist.all_gather_object(gathered, items)
         return [x for part in gathered for x in part]
     return items
+
+
+def check_replicas_identical(model: torch.nn.Module) -> str:
+    """After DistributedDataParallel training every rank must hold the same weights (only rank 0's
+    are saved). Each rank hashes its parameters and buffers (plus a float64 sum, readable in the
+    message) and all ranks compare the gathered digests, so all raise together on a mismatch
+    rather than one rank raising while the others wait at the next barrier."""
+    digest = hashlib.sha256()
+    total = 0.0
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes())  # exact bytes, any dtype
+        total += float(array.double().sum()) if array.is_floating_point() else 0.0
+    mine = (digest.hexdigest(), total)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if any(g[0] != gathered[0][0] for g in gathered):
+        raise RuntimeError("DDP check: weights differ between ranks (parameter sums "
+                           + ", ".join(f"rank {r}: {g[1]:.17g}" for r, g in enumerate(gathered)) + ")")
+    return f"DDP check: weights identical on {len(gathered)} ranks (parameter sum {total:.17g})"
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -224,7 +249,8 @@ class StopRequest:
 # ----------------------------------------------------------------------------- epochs
 
 def train_one_epoch(model, loader, optimizer, scaler, loss_fn, args, device, amp_dtype, num_classes,
-                    stop: StopRequest, show_progress: bool) -> tuple[float, np.ndarray, bool]:
+                    stop: StopRequest, show_progress: bool, device_augmentation=None,
+                    generator: torch.Generator | None = None) -> tuple[float, np.ndarray, bool]:
     """Returns (mean loss, per-class Dice on the training crops, completed)."""
     model.train()
     sums = torch.zeros(2 + 3 * num_classes, dtype=torch.float64)  # loss sum, steps, tp/fp/fn per class
@@ -232,6 +258,8 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, args, device, amp
     for batch in progress:
         images = batch["image"].to(device, non_blocking=True).as_tensor()
         labels = batch["label"].to(device, non_blocking=True).as_tensor()
+        if device_augmentation is not None:
+            images, labels = device_augmentation(images, labels, generator)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -337,7 +365,9 @@ def main(args: argparse.Namespace) -> dict:
 
     seed_everything(args.seed)
     cache_workers = min(args.workers, 4) if args.workers > 0 else 1
-    train_cache = cached_dataset(train_cases, args.spatial_size, num_classes, cache_workers, progress=is_main)
+    crops = list(args.patch_size) != list(args.spatial_size)
+    train_cache = cached_dataset(train_cases, args.spatial_size, num_classes, cache_workers, progress=is_main,
+                                 crop_indices=crops)
     val_cache = cached_dataset(val_cases, args.spatial_size, num_classes, cache_workers, progress=is_main)
     counts = class_voxel_counts(train_cache, num_classes)
     class_weights = torch.as_tensor(class_weights_from_counts(counts))
@@ -346,7 +376,9 @@ def main(args: argparse.Namespace) -> dict:
             f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
     # Crops centred on each foreground class equally often, background rarely: rare organs are seen.
     crop_ratios = [0.5] + [1.0] * (num_classes - 1)
-    train_data = Dataset(train_cache, transform=augmentation(args.patch_size, num_classes, crop_ratios))
+    on_device = args.augment == "device"
+    train_data = Dataset(train_cache, transform=augmentation(args.patch_size, num_classes, crop_ratios, on_device))
+    device_augmentation = DeviceAugmentation() if on_device else None
     sampler = DistributedSampler(train_data, shuffle=True, seed=args.seed) if world_size > 1 else None
 
     model_args = {"in_channels": 1, "out_channels": num_classes, "channels": list(args.channels),
@@ -406,7 +438,8 @@ def main(args: argparse.Namespace) -> dict:
             try:
                 train_loss, train_dice, completed = train_one_epoch(
                     network, loader, optimizer, scaler, loss_fn, args, device, amp_dtype, num_classes, stop,
-                    show_progress=is_main and sys.stderr.isatty())
+                    show_progress=is_main and sys.stderr.isatty(), device_augmentation=device_augmentation,
+                    generator=torch.Generator(device).manual_seed(args.seed * 1000 + epoch + 7919 * rank))
             except torch.OutOfMemoryError:
                 raise SystemExit(f"error: out of GPU memory at --patch-size {args.patch_size}; reduce memory "
                                  f"with {MEMORY_FLAGS}") from None
@@ -456,6 +489,9 @@ def main(args: argparse.Namespace) -> dict:
             print(f"Done{' (early stop)' if stopped_early else ''}. Best validation mean foreground Dice "
                   f"{best_metric:.4f} at epoch {best_epoch}: {best_path}")
     if world_size > 1:
+        message = check_replicas_identical(model)
+        if is_main:
+            print(message, flush=True)
         dist.barrier()
         dist.destroy_process_group()
     return history_best
