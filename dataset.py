@@ -242,7 +242,7 @@ def preprocessing(spatial_size: Sequence[int], num_classes: int = len(CLASS_NAME
 
     Load and validate -> channel first -> LPS orientation -> resize to ``spatial_size`` (image by
     area averaging, which is the anti-aliased downsampling and costs one pass; label by nearest
-    neighbour: linear interpolation of label values would invent classes at borders) ->
+    neighbour (centre-exact): linear interpolation of label values would invent classes at borders) ->
     percentile intensity normalisation (on the resized volume: same result, a fraction of the
     cost). Works on items with or without a label.
     """
@@ -252,7 +252,9 @@ def preprocessing(spatial_size: Sequence[int], num_classes: int = len(CLASS_NAME
         mt.EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=True),
         mt.Orientationd(keys, axcodes=ORIENTATION, allow_missing_keys=True),
         mt.Resized("image", spatial_size=tuple(spatial_size), mode="area"),
-        mt.Resized("label", spatial_size=tuple(spatial_size), mode="nearest", allow_missing_keys=True),
+        # "nearest-exact" samples each output voxel's centre, as area averaging does for the image;
+        # plain "nearest" takes the low corner and shifts labels against the image.
+        mt.Resized("label", spatial_size=tuple(spatial_size), mode="nearest-exact", allow_missing_keys=True),
         # MRI has no absolute intensity scale; robust percentiles ignore bright outliers.
         mt.ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
         mt.EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),

@@ -397,6 +397,7 @@ def main(args: argparse.Namespace) -> dict:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+        scheduler.T_max = max(args.epochs, 1)  # resuming with more --epochs stretches the cosine, no restart
         scaler.load_state_dict(resume_state["scaler"])
         torch.set_rng_state(resume_state["rng"]["torch"])
         start_epoch = int(resume_state["epoch"]) + 1
@@ -428,10 +429,12 @@ def main(args: argparse.Namespace) -> dict:
         for epoch in range(start_epoch, args.epochs + 1):
             started = time.time()
             # Seeded from (seed, epoch): a resumed run draws the same augmentations and order.
-            seed_everything(args.seed * 1000 + epoch)
+            # Each rank draws its own crops and augmentations.
+            epoch_seed = args.seed * 1000 + epoch + 7919 * rank
+            seed_everything(epoch_seed)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            generator = torch.Generator().manual_seed(epoch_seed)
             loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                                 num_workers=args.workers, generator=generator, drop_last=False,
                                 pin_memory=device.type == "cuda", persistent_workers=False)
@@ -439,7 +442,7 @@ def main(args: argparse.Namespace) -> dict:
                 train_loss, train_dice, completed = train_one_epoch(
                     network, loader, optimizer, scaler, loss_fn, args, device, amp_dtype, num_classes, stop,
                     show_progress=is_main and sys.stderr.isatty(), device_augmentation=device_augmentation,
-                    generator=torch.Generator(device).manual_seed(args.seed * 1000 + epoch + 7919 * rank))
+                    generator=torch.Generator(device).manual_seed(epoch_seed))
             except torch.OutOfMemoryError:
                 raise SystemExit(f"error: out of GPU memory at --patch-size {args.patch_size}; reduce memory "
                                  f"with {MEMORY_FLAGS}") from None
