@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.dummy import DummyProcess
 from pathlib import Path
 
 import nibabel as nib
@@ -386,8 +388,19 @@ def cached_dataset(cases: Sequence[Case], spatial_size: Sequence[int], num_class
     if crop_indices:
         transform = mt.Compose([*transform.transforms, mt.ClassesToIndicesd(
             "label", num_classes=num_classes, indices_postfix="_cls_indices")])
-    return CacheDataset([c.as_dict() for c in cases], transform=transform,
-                        cache_rate=1.0, num_workers=max(workers, 1), progress=progress, copy_cache=False)
+    threads_before = set(threading.enumerate())
+    try:
+        return CacheDataset([c.as_dict() for c in cases], transform=transform,
+                            cache_rate=1.0, num_workers=max(workers, 1), progress=progress, copy_cache=False)
+    except Exception:
+        # MONAI fills the cache in a ThreadPool whose terminate() does not join its threads: after a
+        # bad volume they go on with the one they hold while the CLI exits, and Python ending a daemon
+        # thread inside torch code aborts the process ("terminate called without an active
+        # exception", SIGABRT instead of exit code 2). Let them finish first (they take no new work).
+        for thread in set(threading.enumerate()) - threads_before:
+            if isinstance(thread, DummyProcess):
+                thread.join(timeout=60)
+        raise
 
 
 def class_voxel_counts(dataset: CacheDataset, num_classes: int) -> np.ndarray:
