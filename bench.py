@@ -23,6 +23,11 @@ against AttentionUnet is ours_eager_fp32's. On the CPU the fast path is whicheve
 ours_eager_fp32, ours_bf16 (faster where the CPU has bf16 instructions; train.py does not use it
 yet) and ours_compiled is fastest; compiling costs minutes on a small machine, hence --compile.
 
+The loader part writes phantom cases (phantom.py) to a temporary folder and feeds train.py's
+pipeline (cached_dataset, augmentation and, with --augment device as in train.py, the batched
+DeviceAugmentation on the device) into the fastest of our configurations: the step with the
+loader is compared with the bare step on tensors already on the device.
+
 Timings are medians of timed calls after warm-up (compilation happens in the warm-up, whose
 seconds are reported separately); the timed calls alternate between configurations, so a change
 in machine load hits all of them alike. Peak memory is what a configuration adds on top of the shared inputs:
@@ -61,7 +66,7 @@ from monai.data import DataLoader, Dataset
 from monai.losses import DiceCELoss
 from monai.networks.nets import AttentionUnet, DynUNet
 
-from dataset import CLASS_NAMES, augmentation, cached_dataset, find_cases
+from dataset import CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, find_cases
 from modules import ImprovedUNet3D, count_parameters
 from predict import autocast_dtype, predict_probabilities, resolve_device
 
@@ -114,6 +119,9 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "a small machine; on cuda the fast path is always compiled)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--cases", type=int, help="phantom volumes for the loader benchmark (default: 4 cpu, 8 cuda)")
+    parser.add_argument("--augment", choices=("device", "loader"), default="device",
+                        help="train.py's --augment for the loader benchmark: augmentation batched on the training "
+                        "device (train.py's default), or per sample with MONAI transforms in the loader workers")
     parser.add_argument("--workers", type=int, help="data-loading worker processes (default: 1 on cpu, "
                         "min(8, cores) on cuda)")
     parser.add_argument("--seed", type=int, default=0, help="seed for inputs, labels and weights")
@@ -473,16 +481,22 @@ def write_cases(folder: Path, count: int, shape: Sequence[int], seed: int) -> No
 
 
 def measure_loader(config: Config, args, device: torch.device, image: torch.Tensor, label: torch.Tensor) -> dict:
-    """(a) samples/s of train.py's loader alone; (b) the training step fed by that loader against
-    the same step on tensors already on the device, with the same model, side by side."""
-    result = {"config": config.name, "cases": args.cases, "workers": args.workers}
+    """(a) samples/s of train.py's loader alone; (b) the training step fed by that loader (plus the
+    on-device augmentation with --augment device) against the bare step on tensors already on the
+    device, with the same model: the ratio is what data feeding adds to a step."""
+    result = {"config": config.name, "augment": args.augment, "cases": args.cases, "workers": args.workers}
+    on_device = args.augment == "device"
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as folder:
         start = time.perf_counter()
         write_cases(Path(folder), args.cases, args.size, args.seed)
+        # train.py's pipeline. Whole-volume crops (the patch is the volume, as in the issue's
+        # full-size step), so no cached crop indices, as train.py when the patch is the volume.
         cache = cached_dataset(find_cases(folder), args.size, NUM_CLASSES, workers=max(args.workers, 1))
         result["prepare_s"] = round(time.perf_counter() - start, 2)
-        # Whole-volume crops: the patch is the volume, as in the issue's full-size training step.
-        data = Dataset(cache, transform=augmentation(args.size, NUM_CLASSES))
+        crop_ratios = [0.5] + [1.0] * (NUM_CLASSES - 1)
+        data = Dataset(cache, transform=augmentation(args.size, NUM_CLASSES, crop_ratios, on_device))
+        device_augmentation = DeviceAugmentation() if on_device else None
+        generator = torch.Generator(device).manual_seed(args.seed)
         # One endless epoch: no epoch boundary (and worker restart) falls inside the timing.
         sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=10**6)
         loader = DataLoader(data, batch_size=1, sampler=sampler, num_workers=args.workers,
@@ -502,6 +516,8 @@ def measure_loader(config: Config, args, device: torch.device, image: torch.Tens
                 batch = next(batches)
                 images = batch["image"].to(device, non_blocking=True).as_tensor()
                 labels = batch["label"].to(device, non_blocking=True).as_tensor()
+                if device_augmentation is not None:
+                    images, labels = device_augmentation(images, labels, generator)
                 return train_step(run.model, run.optimizer, run.loss_fn, model_input(images, config), labels,
                                   run.amp_dtype)
 
@@ -616,8 +632,10 @@ def print_report(report: dict) -> None:
     if "error" in loader:
         print(f"Loader: failed: {loader['error']}")
     elif loader:
-        print(f"Loader ({loader['cases']} volumes, {loader['workers']} workers): {loader['samples_per_s']:.2f} samples/s; "
-              f"{loader['config']} step with the loader {loader['step_with_loader_ms']:.1f} ms vs on-device tensors "
+        print(f"Loader (--augment {loader['augment']}, {loader['cases']} volumes, {loader['workers']} workers): "
+              f"{loader['samples_per_s']:.2f} samples/s; {loader['config']} step with the loader"
+              + (" + device augmentation" if loader["augment"] == "device" else "")
+              + f" {loader['step_with_loader_ms']:.1f} ms vs on-device tensors "
               f"{loader['step_on_device_ms']:.1f} ms: ratio {loader['loader_step_ratio']:.2f} "
               f"(target <= {TARGETS['loader_step_ratio']:.2f})")
         if report["device"] == "cpu":
