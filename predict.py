@@ -41,11 +41,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast runs 3D
+    convolutions about twice as fast as float32; elsewhere it would be slower, so it stays off."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; None (full precision) on the CPU or when off."""
-    if not enabled or device.type != "cuda":
+    """Mixed precision: bf16 where the GPU supports it, else fp16 (with a GradScaler); on the CPU
+    bf16 only where it has native bf16 instructions. None means full float32."""
+    if not enabled:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 # ----------------------------------------------------------------------------- inference
