@@ -346,7 +346,7 @@ class DeviceAugmentation:
             # normalised coordinates, whose axis order is (W, H, D), i.e. (Z, Y, X) here.
             half = torch.tensor([s / 2 for s in reversed(size)], device=device, dtype=torch.float32)
             linear = self.rotation_matrices(angles) * scales[:, None, :]
-            linear = linear / half[None, None, :] * half[None, :, None]
+            linear = linear * half[None, None, :] / half[None, :, None]  # S^-1 R S, S = diag(half)
             theta = torch.cat([linear, torch.zeros(batch, 3, 1, device=device)], dim=2)
             grid = torch.nn.functional.affine_grid(theta, [batch, 1, *size], align_corners=False)
             coarse = torch.randn(batch, 3, *(self.control_points,) * 3, generator=generator, device=device)
