@@ -247,3 +247,23 @@ def test_class_weights_absent_class_gets_largest_weight():
     assert np.isfinite(weights).all()
     assert weights[2] == pytest.approx(weights.max()) and weights[2] == pytest.approx(weights[3])
     assert np.allclose(class_weights_from_counts(np.zeros(3, dtype=np.int64)), 1.0)
+
+
+def test_device_augmentation_rotation_is_rigid_on_a_non_cubic_patch():
+    """A sphere rotated in a 48 x 48 x 24 patch stays a sphere (no shear from unequal axis lengths)."""
+    import torch
+
+    from dataset import DeviceAugmentation
+
+    size = (48, 48, 24)
+    axes = [torch.arange(s, dtype=torch.float32) - (s - 1) / 2 for s in size]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    sphere = ((grid**2).sum(0) <= 8**2).float()[None, None]
+    augment = DeviceAugmentation(rotate_range=0.6, scale_range=0.0, elastic_prob=0.0, spatial_prob=1.0,
+                                 flip_prob=0.0)
+    for seed in range(3):
+        _, rotated = augment(sphere.clone(), sphere.clone(), torch.Generator().manual_seed(seed))
+        mask = rotated[0, 0] > 0
+        extents = [int(mask.any(dim=tuple(d for d in range(3) if d != axis)).sum()) for axis in range(3)]
+        assert all(abs(e - 17) <= 2 for e in extents), extents
+        assert abs(float(rotated.sum()) - float(sphere.sum())) / float(sphere.sum()) < 0.05
