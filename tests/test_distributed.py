@@ -118,8 +118,10 @@ def test_ddp_validation_gathers_every_volume_from_both_ranks(ddp_run):
     per_volume = []
     for case in val_cases:
         item = transform(case.as_dict())
+        # The precision training validated with (bf16 on CPUs with native bf16, as in train.py).
+        amp_dtype = predict.autocast_dtype(torch.device("cpu"), enabled=not config["no_amp"])
         probabilities = predict.predict_probabilities(model, item["image"][None], config["patch_size"],
-                                                      config["overlap"])
+                                                      config["overlap"], amp_dtype=amp_dtype)
         per_volume.append(predict.dice_per_class(probabilities.argmax(1), item["label"][None], NUM_CLASSES))
     per_volume = np.array(per_volume)
     assert per_volume[0, 0] != pytest.approx(per_volume[1, 0], abs=1e-4), \
