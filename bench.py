@@ -17,11 +17,11 @@ step. Configurations:
   attention_unet          MONAI AttentionUnet, channels 32..512, eager
   dynunet                 MONAI DynUNet in nnU-Net's configuration, eager
 
-MONAI's nets run in the precision our own training uses on the device: bf16 autocast on CUDA
-(train.py's default), float32 on the CPU (where train.py has no autocast), so the CPU comparison
-against AttentionUnet is ours_eager_fp32's. On the CPU the fast path is whichever of
-ours_eager_fp32, ours_bf16 (faster where the CPU has bf16 instructions; train.py does not use it
-yet) and ours_compiled is fastest; compiling costs minutes on a small machine, hence --compile.
+MONAI's nets run with bf16 autocast on CUDA (train.py's default) and in float32 on the CPU, so on
+the CPU the like-for-like comparison against AttentionUnet is ours_eager_fp32's. ours_bf16 is what
+train.py and predict.py use on CPUs with native bf16 instructions (predict.autocast_dtype); the
+CPU fast path is whichever of ours_eager_fp32, ours_bf16 and ours_compiled is fastest; compiling
+costs minutes on a small machine, hence --compile.
 
 The loader part writes phantom cases (phantom.py) to a temporary folder and feeds train.py's
 pipeline (cached_dataset, augmentation and, with --augment device as in train.py, the batched
@@ -651,7 +651,8 @@ def print_report(report: dict) -> None:
             sign = "<=" if item["at_most"] else ">="
             print(f"  {'PASS' if item['passed'] else 'FAIL'}  {item['target']}: {item['value']:.3f} {sign} {item['limit']}")
     if report["device"] == "cpu":
-        print("MONAI's nets run in float32 on the CPU, as train.py does: compare them with the eager fp32 row.")
+        print("MONAI's nets run in float32 on the CPU: compare them with the eager fp32 row "
+              "(train.py uses bf16 on CPUs with native bf16).")
         print("CPU memory is the sampled peak resident-set growth of each configuration (model, Adam state, "
               "activations), not an allocator count.")
 

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-CLASS_COLOURS = ["#00000000", "#f4a582", "#f7f7f7", "#4393c3", "#a6761d", "#d6604d"]
+CLASS_COLOURS = ["#00000000", "#f4a582", "#e6c229", "#4393c3", "#1b9e77", "#d6604d"]
 
 
 def class_colours(num_classes: int) -> list[str]:
@@ -143,7 +143,7 @@ def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Pa
     loss_ax.legend()
     loss_ax.grid(alpha=0.3)
     colours = class_colours(len(class_names))
-    colours[0], colours[2] = "#444444", "#999999"  # background and bone: visible on white
+    colours[0] = "#444444"  # background: visible on white
     for c, name in enumerate(class_names):
         dice_ax.plot(epochs, column(f"dice_{name}"), color=colours[c], label=f"{name} (val)")
         dice_ax.plot(epochs, column(f"train_dice_{name}"), color=colours[c], linestyle="--", alpha=0.7)

@@ -184,3 +184,20 @@ def test_overfits_one_small_volume():
     with torch.no_grad():
         accuracy = float((model.eval()(image).argmax(1) == target).float().mean())
     assert accuracy > 0.95
+
+
+def test_regional_compile_matches_eager():
+    """torch.compile of each block (train.py's --compile) gives the eager logits."""
+    import pytest
+    torch = pytest.importorskip("torch")
+    from modules import ImprovedUNet3D
+
+    torch.manual_seed(0)
+    model = ImprovedUNet3D(channels=(4, 8, 8, 8)).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        eager = model(x)
+        for block in model.blocks():
+            block.compile()
+        compiled = model(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
