@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from multiprocessing.dummy import DummyProcess
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt

@@ -19,7 +19,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.metrics import compute_hausdorff_distance
@@ -142,7 +141,7 @@ def load_source(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     return data, source
 
 
-def to_source_grid(probabilities: torch.Tensor, preprocessed_image: MetaTensor, transform=None) -> np.ndarray:
+def to_source_grid(probabilities: torch.Tensor, preprocessed_image: MetaTensor) -> np.ndarray:
     """Labels on the source image's voxel grid from probabilities ``(C, X, Y, Z)`` on the
     preprocessed grid: probabilities are resampled linearly to the source size (as nnU-Net does;
     arg-max after interpolation never invents a class), then the LPS reorientation is undone.
@@ -263,7 +262,7 @@ def main(args: argparse.Namespace) -> dict:
         item = transform(case.as_dict())
         probabilities = predict_probabilities(model, item["image"][None], roi_size, args.overlap, args.tta,
                                               amp_dtype)[0].cpu()
-        labels = to_source_grid(probabilities, item["image"], transform)
+        labels = to_source_grid(probabilities, item["image"])
         image_data, source = load_source(case.image)
         write_prediction(labels, source, out / f"{case.case_id}_pred.nii.gz")
         target = None

@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in, class_voxel_counts,
                      class_weights_from_counts, find_cases, load_or_make_split)
 from modules import ImprovedUNet3D, count_parameters
