@@ -172,6 +172,13 @@ def cases_in(cases: Sequence[Case], patients: Sequence[str]) -> list[Case]:
 
 # ----------------------------------------------------------------------------- transforms
 
+def drop_trailing_singletons(volume):
+    """HipMRI files may carry a trailing singleton 4th dimension: (X, Y, Z, 1) -> (X, Y, Z)."""
+    while volume.ndim > 3 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    return volume
+
+
 class LoadValidated(mt.MapTransform):
     """Load image (and label) with MONAI's NIfTI reader and refuse a bad pair with a DataError.
 
@@ -192,8 +199,7 @@ class LoadValidated(mt.MapTransform):
         except Exception as error:  # nibabel raises many types for damaged files
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DataError(f"{path}: cannot be read as NIfTI ({reason[:200]})") from None
-        while volume.ndim > 3 and volume.shape[-1] == 1:
-            volume = volume[..., 0]
+        volume = drop_trailing_singletons(volume)
         if volume.ndim != 3:
             raise DataError(f"{path}: expected a 3D volume, got shape {tuple(volume.shape)}")
         if min(volume.shape) < 2:

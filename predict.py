@@ -24,7 +24,8 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_hausdorff_distance
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from dataset import (CLASS_NAMES, ORIENTATION, Case, DataError, cases_from_input, cases_in, find_cases, preprocessing,
+from dataset import (CLASS_NAMES, ORIENTATION, Case, DataError, cases_from_input, cases_in,
+                     drop_trailing_singletons, find_cases, preprocessing,
                      unwrap_data_error)
 
 log = logging.getLogger("hipmri")
@@ -90,6 +91,28 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size:
 
 # ----------------------------------------------------------------------------- metrics
 
+def overlap_counts(prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
+                   num_classes: int) -> np.ndarray:
+    """``(num_classes, 3)`` true positives, false positives and false negatives per class; summed
+    over volumes or batches they give a pooled Dice (training's per-epoch train Dice)."""
+    prediction = torch.as_tensor(prediction).reshape(-1).long()
+    target = torch.as_tensor(target).reshape(-1).long().to(prediction.device)
+    counts = np.zeros((num_classes, 3), dtype=np.float64)
+    for c in range(num_classes):
+        predicted, actual = prediction == c, target == c
+        counts[c] = [float((predicted & actual).sum()), float((predicted & ~actual).sum()),
+                     float((~predicted & actual).sum())]
+    return counts
+
+
+def dice_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Dice per class from ``overlap_counts``; NaN where the class is absent from both."""
+    true_positive, false_positive, false_negative = np.asarray(counts, dtype=np.float64).T
+    denominator = 2 * true_positive + false_positive + false_negative
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * true_positive / denominator, np.nan)
+
+
 def dice_per_class(prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
                    num_classes: int) -> np.ndarray:
     """3D Dice of one volume for each class, from summed true/false positives and negatives.
@@ -98,16 +121,7 @@ def dice_per_class(prediction: np.ndarray | torch.Tensor, target: np.ndarray | t
     ground truth whatever the prediction; here a class absent from both is NaN (left out of
     means, never counted as 1.0) and a class predicted where there is none scores 0.
     """
-    prediction = torch.as_tensor(prediction).reshape(-1).long()
-    target = torch.as_tensor(target).reshape(-1).long()
-    dice = np.full(num_classes, np.nan)
-    for c in range(num_classes):
-        predicted, actual = prediction == c, target == c
-        true_positive = int((predicted & actual).sum())
-        denominator = int(predicted.sum()) + int(actual.sum())
-        if denominator > 0:
-            dice[c] = 2.0 * true_positive / denominator
-    return dice
+    return dice_from_counts(overlap_counts(prediction, target, num_classes))
 
 
 def hd95_per_class(prediction: np.ndarray, target: np.ndarray, num_classes: int,
@@ -136,8 +150,7 @@ def nan_mean(values) -> float:
 def load_source(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     source = nib.load(path)
     data = np.asanyarray(source.dataobj)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = drop_trailing_singletons(data)
     return data, source
 
 

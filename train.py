@@ -36,7 +36,8 @@ from checkpoint import load_checkpoint, save_checkpoint
 from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in, class_voxel_counts,
                      class_weights_from_counts, find_cases, load_or_make_split)
 from modules import ImprovedUNet3D, count_parameters
-from predict import autocast_dtype, dice_per_class, nan_mean, predict_probabilities, resolve_device, run_cli
+from predict import (autocast_dtype, dice_from_counts, dice_per_class, nan_mean, overlap_counts,
+                     predict_probabilities, resolve_device, run_cli)
 
 DEFAULT_PHANTOM = Path("data/phantom")
 MEMORY_FLAGS = ("--patch-size (smaller crops), --spatial-size, --channels (narrower network), "
@@ -273,22 +274,14 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fn, args, device, amp
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
-            predicted = logits.argmax(1)
-            target = labels[:, 0].long()
-            for c in range(num_classes):
-                p, t = predicted == c, target == c
-                sums[2 + 3 * c] += float((p & t).sum())
-                sums[3 + 3 * c] += float((p & ~t).sum())
-                sums[4 + 3 * c] += float((~p & t).sum())
+            sums[2:] += torch.from_numpy(overlap_counts(logits.argmax(1), labels[:, 0], num_classes).reshape(-1))
         sums[0] += float(loss.detach())
         sums[1] += 1
         progress.set_postfix(loss=f"{float(loss.detach()):.4f}")
         if stop.requested:
             return math.nan, np.full(num_classes, np.nan), False
     all_reduce_sum(sums)
-    tp, fp, fn = (sums[2::3].numpy(), sums[3::3].numpy(), sums[4::3].numpy())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+    dice = dice_from_counts(sums[2:].numpy().reshape(num_classes, 3))
     return float(sums[0] / max(sums[1], 1)), dice, True
 
 
