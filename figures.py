@@ -156,3 +156,41 @@ def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_uncertainty_figure(image: np.ndarray, entropy: np.ndarray, affine: np.ndarray, path: Path,
+                            prediction: np.ndarray | None = None, class_names: Sequence[str] | None = None,
+                            title: str | None = None) -> int:
+    """The axial slice with the most uncertainty (largest summed entropy): the image with the
+    normalised entropy ``(X, Y, Z)`` in [0, 1] over it and a colour bar, and, when ``prediction``
+    and ``class_names`` are given, the predicted labels beside it on the same slice so the
+    reviewer sees which contour the uncertainty belongs to. Returns the slice's index in the
+    LPS-reoriented volume (the ``z=`` in the panel titles)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = to_lps(np.asarray(image, dtype=np.float32), affine)
+    entropy = to_lps(np.asarray(entropy, dtype=np.float32), affine)
+    low, high = np.percentile(image, [0.5, 99.5])
+    image = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+    z = int(entropy.sum(axis=(0, 1)).argmax())
+    show_labels = prediction is not None and class_names is not None
+
+    fig, axes = plt.subplots(1, 2 if show_labels else 1, figsize=(8.4 if show_labels else 4.6, 4.0), squeeze=False)
+    if show_labels:
+        show_overlay(axes[0, 0], axial(image, z), axial(to_lps(prediction, affine), z), len(class_names),
+                     f"prediction (z={z})")
+        fig.legend(handles=legend_handles(class_names), loc="lower center", ncol=len(class_names) - 1, fontsize=8)
+    ax = axes[0, -1]
+    ax.imshow(axial(image, z), cmap="gray", interpolation="nearest")
+    # near-zero entropy left transparent: the confident anatomy stays visible under the map
+    heat = ax.imshow(np.ma.masked_less(axial(entropy, z), 0.02), cmap="inferno", vmin=0, vmax=1, alpha=0.8,
+                     interpolation="nearest")
+    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, label="normalised entropy")
+    ax.set_title(f"uncertainty (z={z})", fontsize=9)
+    ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 if show_labels else 0, 1, 0.95 if title else 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return z

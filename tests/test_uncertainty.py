@@ -1,0 +1,266 @@
+"""uncertainty.py and figures.save_uncertainty_figure: entropy against scipy's, the NIfTI written on
+an oblique LPS source grid, the boundary-band score against hand-counted voxels, the review rule
+on constructed validation sets, and the two measures of how the score tracks errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.metrics import roc_curve
+
+from figures import save_uncertainty_figure
+from uncertainty import (UNCERTAINTY_SLOPE, fit_flag_thresholds, flag_case, normalised_entropy, organ_uncertainty,
+                         rank_correlation, voxel_error_auroc, write_uncertainty)
+
+CLASS_NAMES = ("background", "body", "bladder")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- entropy
+
+def test_entropy_is_zero_for_one_hot_and_one_for_uniform():
+    num_classes = 6
+    labels = torch.randint(0, num_classes, (5, 4, 3))
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).permute(3, 0, 1, 2).float()
+    assert torch.equal(normalised_entropy(one_hot), torch.zeros(5, 4, 3))
+    uniform = torch.full((num_classes, 5, 4, 3), 1 / num_classes)
+    assert torch.allclose(normalised_entropy(uniform), torch.ones(5, 4, 3), atol=1e-6)
+
+
+def test_entropy_matches_scipy_and_batches_along_dim_one():
+    probabilities = torch.distributions.Dirichlet(torch.full((4,), 0.7)).sample((2, 3, 5, 6)).permute(0, 4, 1, 2, 3)
+    expected = stats.entropy(probabilities.double().numpy(), axis=1) / math.log(4)  # natural log, / log C
+    batched = normalised_entropy(probabilities, dim=1)
+    assert batched.shape == (2, 3, 5, 6)
+    np.testing.assert_allclose(batched.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(normalised_entropy(probabilities[1]).numpy(), expected[1], atol=1e-5)
+
+
+def test_entropy_is_finite_with_zero_probabilities_and_low_precision_input():
+    probabilities = torch.tensor([[0.5, 0.0, 1.0], [0.5, 0.0, 0.0], [0.0, 1.0, 0.0]]).reshape(3, 3, 1, 1)
+    entropy = normalised_entropy(probabilities.to(torch.bfloat16))
+    assert entropy.dtype == torch.float32
+    np.testing.assert_allclose(entropy.flatten().numpy(), [math.log(2) / math.log(3), 0.0, 0.0], atol=1e-6)
+
+
+def test_entropy_needs_two_classes():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        normalised_entropy(torch.ones(1, 2, 2, 2))
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+def oblique_lps_affine() -> np.ndarray:
+    """LPS axes, anisotropic spacing, rotated 20 degrees about the z axis, off-origin."""
+    angle = math.radians(20)
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-1.7, -1.3, 2.5])
+    affine[:3, 3] = [101.5, 88.25, -42.0]
+    return affine
+
+
+@pytest.mark.parametrize("trailing_singleton", [False, True])
+def test_uncertainty_nifti_keeps_the_source_geometry(tmp_path, trailing_singleton):
+    shape = (9, 7, 5)
+    affine = oblique_lps_affine()
+    source_data = np.random.default_rng(0).normal(size=shape + ((1,) if trailing_singleton else ())).astype(np.float32)
+    source = nib.Nifti1Image(source_data, affine)
+    source.set_qform(affine, code=1)
+    source.set_sform(affine, code=2)
+    source.header.set_xyzt_units("mm")
+    source_path = tmp_path / "image.nii.gz"
+    nib.save(source, str(source_path))
+    source = nib.load(str(source_path))
+
+    entropy = np.random.default_rng(1).uniform(size=shape)
+    entropy[0, 0, 0], entropy[1, 0, 0] = 0.0, 1.0
+    path = tmp_path / "case_uncertainty.nii.gz"
+    write_uncertainty(entropy, source, path)
+
+    written = nib.load(str(path))
+    assert written.shape == shape
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(written.get_qform(), affine, atol=1e-5)
+    assert int(written.header["qform_code"]) == 1 and int(written.header["sform_code"]) == 2
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(affine) == ("L", "P", "S")
+    assert written.header.get_data_dtype() == np.uint8
+    assert written.dataobj.slope == pytest.approx(1 / 255, rel=1e-6) and written.dataobj.inter == 0
+    values = written.get_fdata()
+    assert values.min() == 0.0 and values.max() <= 1.0 and values.max() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(values, entropy, atol=0.5 / 255 + 1e-6)
+    assert UNCERTAINTY_SLOPE * 255 <= 1.0
+
+
+def test_uncertainty_nifti_refuses_another_grid(tmp_path):
+    source = nib.Nifti1Image(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="does not match"):
+        write_uncertainty(np.zeros((4, 4, 3)), source, tmp_path / "x.nii.gz")
+
+
+# ----------------------------------------------------------------------------- organ score
+
+def test_organ_score_is_the_mean_over_the_boundary_band():
+    labels = np.zeros((14, 14, 14), dtype=np.uint8)
+    labels[4:10, 4:10, 4:10] = 2  # a 6-voxel cube
+    entropy = np.full(labels.shape, 0.1)
+    entropy[4:10, 4:10, 4:10] = 0.3  # the cube's outer layer ...
+    entropy[5:9, 5:9, 5:9] = 0.9  # ... around its interior, which the band must leave out
+    # band: the cube's outer layer (6**3 - 4**3 = 152 voxels at 0.3) and the face-adjacent layer
+    # outside it (6 faces of 6 x 6 = 216 voxels at 0.1; 6-connected dilation adds no edges or corners)
+    expected = (152 * 0.3 + 216 * 0.1) / (152 + 216)
+    scores = organ_uncertainty(entropy, labels, num_classes=3)
+    assert np.isnan(scores[0]) and np.isnan(scores[1])  # background, and a class not predicted
+    assert scores[2] == pytest.approx(expected)
+
+
+def test_organ_score_does_not_count_the_array_edge_as_a_contour():
+    labels = np.ones((6, 6, 6), dtype=np.uint8)
+    labels[:, :, 3:] = 2  # class 1 fills the lower half and touches the array edge on five sides
+    entropy = np.zeros(labels.shape)
+    entropy[:, :, 2:4] = 0.5  # the one real contour: the two layers either side of z = 2.5
+    entropy[0, :, :] = 1.0  # the array edge: high, but not a contour
+    entropy[0, :, 2:4] = 0.5
+    scores = organ_uncertainty(entropy, labels, num_classes=3)
+    assert scores[1] == pytest.approx(0.5) and scores[2] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- review rule
+
+def constructed_validation(n_cases=20, seed=0):
+    """bladder: Dice falls as the score rises, so the 5 lowest-Dice organs are the 5 highest scores;
+    body: scored in only 5 cases (too few to fit)."""
+    rng = np.random.default_rng(seed)
+    bladder_scores = rng.permutation(np.linspace(0.05, 0.95, n_cases))
+    bladder_dice = 0.95 - 0.4 * bladder_scores
+    scores = np.full((n_cases, 3), np.nan)
+    dice = np.full((n_cases, 3), np.nan)
+    scores[:, 2], dice[:, 2] = bladder_scores, bladder_dice
+    scores[:5, 1], dice[:5, 1] = [0.1, 0.2, 0.3, 0.4, 0.5], [0.99, 0.98, 0.97, 0.96, 0.95]
+    return scores, dice
+
+
+def test_fitted_threshold_flags_the_poor_validation_organs():
+    scores, dice = constructed_validation()
+    rule = fit_flag_thresholds(scores, dice, CLASS_NAMES)
+    json.dumps(rule, allow_nan=False)  # stored with the run as plain JSON
+    bladder = rule["organs"]["bladder"]
+    poor = dice[:, 2] < np.quantile(dice[:, 2], 0.25)
+    assert poor.sum() == 5 and bladder["n_poor"] == 5 and bladder["method"] == "youden"
+    # the separating threshold is the midpoint between the 15th and 16th of 20 equally spaced scores
+    step = 0.9 / 19
+    assert bladder["threshold"] == pytest.approx(0.05 + 14.5 * step)
+    assert bladder["sensitivity"] == 1.0 and bladder["specificity"] == 1.0 and bladder["youden_j"] == 1.0
+    for case in range(len(scores)):
+        flags = flag_case(scores[case], rule, CLASS_NAMES)
+        assert [f["organ"] for f in flags if f["organ"] == "bladder"] == (["bladder"] if poor[case] else [])
+
+    assert flag_case(np.array([np.nan, np.nan, bladder["threshold"] + 1e-3]), rule, CLASS_NAMES) == [
+        {"organ": "bladder", "score": pytest.approx(bladder["threshold"] + 1e-3),
+         "threshold": bladder["threshold"], "reason": "uncertain"}]
+    assert flag_case(np.array([np.nan, np.nan, bladder["threshold"] - 1e-3]), rule, CLASS_NAMES) == []
+
+
+def test_youden_threshold_agrees_with_the_roc_curve_when_scores_overlap():
+    rng = np.random.default_rng(3)
+    dice_column = rng.uniform(0.6, 0.95, 40)
+    score_column = (0.95 - dice_column) + rng.normal(0, 0.08, 40)  # tracks errors, noisily
+    scores, dice = np.full((40, 3), np.nan), np.full((40, 3), np.nan)
+    scores[:, 2], dice[:, 2] = score_column, dice_column
+    bladder = fit_flag_thresholds(scores, dice, CLASS_NAMES)["organs"]["bladder"]
+    poor = dice_column < np.quantile(dice_column, 0.25)
+    false_positive_rate, true_positive_rate, _ = roc_curve(poor, score_column)
+    assert bladder["youden_j"] == pytest.approx(np.max(true_positive_rate - false_positive_rate))
+    flagged = score_column > bladder["threshold"]
+    assert bladder["sensitivity"] == pytest.approx(flagged[poor].mean())
+    assert bladder["specificity"] == pytest.approx((~flagged[~poor]).mean())
+
+
+def test_ties_in_youden_j_keep_the_higher_threshold_and_seven_cases_are_too_few():
+    # good organs score 0.1 0.2 0.3 0.6 0.65 0.7, poor ones (the two lowest Dice) 0.5 and 0.9:
+    # a cut at 0.4 finds both poor organs and flags 3 of 6 good (J = 0.5); a cut at 0.8 finds one
+    # poor organ and no good one (J = 0.5); the tie goes to 0.8, which flags fewer
+    organ_scores = np.array([0.1, 0.2, 0.3, 0.6, 0.65, 0.7, 0.5, 0.9])
+    organ_dice = np.array([0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.70, 0.71])
+    scores, dice = np.full((8, 3), np.nan), np.full((8, 3), np.nan)
+    scores[:, 2], dice[:, 2] = organ_scores, organ_dice
+    bladder = fit_flag_thresholds(scores, dice, CLASS_NAMES)["organs"]["bladder"]
+    assert bladder["method"] == "youden" and bladder["threshold"] == pytest.approx(0.8)
+    assert bladder["youden_j"] == pytest.approx(0.5)
+    assert bladder["sensitivity"] == 0.5 and bladder["specificity"] == 1.0
+
+    fewer = fit_flag_thresholds(scores[1:], dice[1:], CLASS_NAMES)["organs"]["bladder"]
+    assert fewer["method"] == "quantile" and fewer["threshold"] == pytest.approx(np.quantile(organ_scores[1:], 0.9))
+
+
+def test_too_few_cases_fall_back_to_a_high_quantile():
+    scores, dice = constructed_validation()
+    body = fit_flag_thresholds(scores, dice, CLASS_NAMES)["organs"]["body"]
+    assert body["method"] == "quantile" and body["n_scored"] == 5
+    assert body["threshold"] == pytest.approx(0.46)  # 90th percentile of 0.1 .. 0.5, linear interpolation
+    assert flag_case(np.array([np.nan, 0.47, np.nan]), {"organs": {"body": body}}, CLASS_NAMES)[0]["organ"] == "body"
+
+
+def test_an_organ_predicted_in_every_validation_case_is_flagged_when_missing():
+    scores, dice = constructed_validation()
+    rule = fit_flag_thresholds(scores, dice, CLASS_NAMES)
+    assert rule["organs"]["bladder"]["expected"] and not rule["organs"]["body"]["expected"]
+    flags = flag_case(np.array([np.nan, np.nan, np.nan]), rule, CLASS_NAMES)
+    assert flags == [{"organ": "bladder", "score": None, "threshold": rule["organs"]["bladder"]["threshold"],
+                      "reason": "not predicted"}]
+
+
+# ----------------------------------------------------------------------------- measures
+
+def test_voxel_error_auroc_counts_only_voxels_in_the_body():
+    target = np.zeros((4, 4, 4), dtype=np.uint8)
+    prediction = target.copy()
+    prediction[0, :2] = 1  # 8 wrong voxels
+    entropy = np.full(target.shape, 0.2)
+    entropy[0, :2] = 0.9
+    body = np.ones(target.shape, dtype=bool)
+    body[3] = False
+    prediction[3, :3] = 1  # wrong but certain, outside the body
+    entropy[3] = 0.0
+    assert voxel_error_auroc(entropy, prediction, target, body) == pytest.approx(1.0)
+    assert voxel_error_auroc(entropy, prediction, target) < 1.0
+    assert voxel_error_auroc(1 - entropy, prediction, target, body) == pytest.approx(0.0)
+    assert math.isnan(voxel_error_auroc(entropy, target, target, body))
+
+
+def test_rank_correlation_skips_undefined_pairs():
+    scores = np.array([[0.1, np.nan], [0.2, 0.5], [0.3, 0.6], [0.4, np.nan]])
+    dice = np.array([[0.9, 0.7], [0.8, np.nan], [0.7, 0.05], [0.1, 0.2]])
+    # finite pairs (0.1, 0.9) (0.2, 0.8) (0.3, 0.7) (0.4, 0.1) (0.6, 0.05): ranks exactly reversed
+    assert rank_correlation(scores, dice) == pytest.approx(-1.0)
+    assert rank_correlation(scores[:, 0], dice[:, 0]) == pytest.approx(-1.0)
+    assert math.isnan(rank_correlation(scores[:2, 0], dice[:2, 0]))
+
+
+# ----------------------------------------------------------------------------- figure
+
+@pytest.mark.parametrize("axcodes, flip_z", [("LPS", False), ("RAS", True)])
+def test_uncertainty_figure_shows_the_most_uncertain_axial_slice(tmp_path, axcodes, flip_z):
+    shape = (12, 10, 8)
+    affine = np.diag([-1.5, -1.5, 2.0, 1.0]) if axcodes == "LPS" else np.diag([1.5, 1.5, -2.0, 1.0])
+    assert "".join(nib.aff2axcodes(affine)) == ("LPS" if axcodes == "LPS" else "RAI")
+    entropy = np.zeros(shape)
+    entropy[3:7, 3:7, 2] = 0.8
+    entropy[5, 5, 6] = 1.0  # a single voxel: less summed uncertainty than slice 2
+    image = np.random.default_rng(0).uniform(size=shape)
+    prediction = (entropy > 0).astype(np.uint8) * 2
+    path = tmp_path / "figures" / "case_uncertainty.png"
+    z = save_uncertainty_figure(image, entropy, affine, path, prediction=prediction, class_names=CLASS_NAMES,
+                                title="case")
+    assert z == (shape[2] - 1 - 2 if flip_z else 2)  # an I-to-S flip reverses the axial order
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    alone = tmp_path / "alone.png"
+    assert save_uncertainty_figure(image, entropy, affine, alone) == z
+    assert alone.read_bytes()[:8] == PNG_MAGIC

@@ -1,0 +1,237 @@
+"""Uncertainty of a prediction: voxel-wise normalised predictive entropy, a score per organ, and the
+review flag whose thresholds are fitted on the validation patients of a run.
+
+The entropy is that of the class probabilities averaged over whatever the prediction averages
+(ensemble members, test-time flips): high where the averaged members disagree or each is unsure,
+zero where all put probability one on the same class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage, stats
+from sklearn.metrics import roc_auc_score
+
+# The largest float32 slope with 255 * slope <= 1: the uint8 file then reads back in [0, 1] (the
+# float32 nearest 1/255 is slightly above it, which would read 255 back as 1.00000006).
+UNCERTAINTY_SLOPE = float(np.nextafter(np.float32(1 / 255), np.float32(0)))
+UNCERTAINTY_LEVELS = 255
+
+ORGAN_SCORE = ("mean normalised entropy over the organ's predicted boundary band: the voxels within one "
+               "voxel (6-connected) of the predicted contour, inside and outside")
+FLAG_RULE = ("a case is flagged for review when, for any organ, its score is above that organ's threshold, "
+             "or an organ predicted in every validation case is not predicted at all")
+MIN_CASES_FOR_FIT = 8  # below this (or with fewer than 2 poor or 2 good organs) the quantile fallback is used
+MIN_CASES_PER_GROUP = 2
+
+
+def normalised_entropy(probabilities: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Predictive entropy divided by log(C), in [0, 1]: ``(C, X, Y, Z) -> (X, Y, Z)`` with the
+    default ``dim=0``; pass ``dim=1`` for ``(B, C, X, Y, Z) -> (B, X, Y, Z)``.
+
+    ``probabilities`` sum to one along ``dim`` (softmax outputs, or their average). Terms with
+    p = 0 contribute 0 (``xlogy``), never NaN. Computed in float32 at least, since bf16/fp16
+    probabilities would quantise the small entropies of confident voxels to zero.
+    """
+    probabilities = torch.as_tensor(probabilities)
+    num_classes = probabilities.shape[dim]
+    if num_classes < 2:
+        raise ValueError(f"normalised_entropy: needs at least 2 classes along dim {dim}, got shape "
+                         f"{tuple(probabilities.shape)}")
+    if not probabilities.is_floating_point() or probabilities.element_size() < 4:
+        probabilities = probabilities.float()
+    entropy = -torch.special.xlogy(probabilities, probabilities).sum(dim=dim) / math.log(num_classes)
+    return entropy.clamp_(0.0, 1.0)  # rounding can step just outside [0, 1]
+
+
+def write_uncertainty(entropy: np.ndarray, source: nib.Nifti1Image, path: str | Path) -> None:
+    """Save ``entropy (X, Y, Z)`` (values in [0, 1], on the source image's voxel grid) with the
+    source's affine and q/s-form codes, like the predicted labels, so it opens over the image.
+
+    Stored as uint8 with ``scl_slope`` about 1/255 (readers get floats in [0, 1], step 1/255,
+    error at most 0.002): a quarter of float32's size before compression, and far smaller after
+    it, since float32 entropies are noisy in every bit while the uint8 map is zero in most of the
+    volume. The step is far below any difference a reviewer or a threshold acts on.
+    """
+    entropy = np.asarray(entropy)
+    source_shape = tuple(source.shape)
+    if entropy.ndim != 3 or entropy.shape != source_shape[:3] or any(s != 1 for s in source_shape[3:]):
+        raise ValueError(f"{path}: uncertainty of shape {entropy.shape} does not match the source image's "
+                         f"grid {source_shape}")
+    levels = np.rint(np.clip(np.nan_to_num(entropy, nan=1.0), 0.0, 1.0) * UNCERTAINTY_LEVELS).astype(np.uint8)
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(levels, source.affine, header=header)
+    image.header.set_slope_inter(UNCERTAINTY_SLOPE, 0.0)  # after construction, which resets scaling
+    image.set_qform(source.affine, code=int(source.header["qform_code"]) or 1)
+    image.set_sform(source.affine, code=int(source.header["sform_code"]) or 1)
+    nib.save(image, str(path))
+
+
+def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Uncertainty score per class, ``(num_classes,)``: the mean of ``entropy (X, Y, Z)`` over the
+    boundary band of the class's predicted mask in ``labels (X, Y, Z)``; NaN where the class is
+    not predicted, and NaN for the background (index 0), which has no contour to review.
+
+    Why the boundary band (the mask dilated by one voxel minus the mask eroded by one voxel):
+    a contour is wrong where its edge lies in the wrong place, and that is where the averaged
+    probabilities are split between the organ and its neighbours. The interior of an organ is
+    classified confidently whether or not its edge is right, so a mean over the whole organ is
+    mostly a measure of its surface-to-volume ratio: it would score a small prostate as more
+    uncertain than a large bladder with the same edge quality, and it would shrink a bad edge
+    of the bladder or the body towards zero. The band compares edges with edges, across organs
+    and cases. It reaches one voxel outside the mask, so it also sees over- and under-segmented
+    edges where the neighbouring class won the arg-max by a small margin. What it cannot see
+    is a part of the organ missed far from the predicted contour; a wholly missed organ is
+    caught by the flag rule instead (see ``fit_flag_thresholds``).
+
+    The edge of the array is not a contour (the body runs out of the field of view), so
+    erosion treats outside the array as organ there.
+    """
+    entropy, labels = np.asarray(entropy), np.asarray(labels)
+    if entropy.shape != labels.shape:
+        raise ValueError(f"organ_uncertainty: entropy {entropy.shape} and labels {labels.shape} differ in shape")
+    scores = np.full(num_classes, np.nan)
+    structure = ndimage.generate_binary_structure(labels.ndim, 1)
+    boxes = ndimage.find_objects(labels.astype(np.int64, copy=False), max_label=num_classes - 1)
+    for c in range(1, num_classes):
+        box = boxes[c - 1] if c - 1 < len(boxes) else None
+        if box is None:
+            continue
+        # work in the class's bounding box grown by one voxel: the same band, much less work
+        box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, labels.shape))
+        mask = labels[box] == c
+        band = (ndimage.binary_dilation(mask, structure)
+                & ~ndimage.binary_erosion(mask, structure, border_value=1))
+        scores[c] = float(entropy[box][band].mean(dtype=np.float64))
+    return scores
+
+
+# ----------------------------------------------------------------------------- review flag
+
+def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Sequence[str],
+                        poor_quantile: float = 0.25, fallback_quantile: float = 0.9) -> dict:
+    """The review rule, fitted on validation cases: per organ, a threshold on its score.
+
+    ``scores`` and ``dice`` are ``(n_cases, C)`` (``organ_uncertainty`` and 3D Dice per case).
+    An organ in a case counts as poor when its Dice is in the lowest ``poor_quantile`` of that
+    organ's validation Dice: organs differ too much in attainable Dice (body near 1, prostate
+    far lower) for one absolute cut, and the lowest quarter is what a reviewer most needs to
+    see without flagging half of all contours. The threshold is the midpoint between two
+    consecutive validation scores that maximises Youden's J (sensitivity + specificity - 1)
+    for finding the poor organs; on ties the higher threshold wins (fewer flags). With fewer
+    than ``MIN_CASES_FOR_FIT`` cases where the organ is both predicted and scored, fewer than
+    two poor or good ones, or no threshold with J > 0 (the score does not separate them on
+    validation), the threshold is the ``fallback_quantile`` of its validation scores: the most
+    uncertain tenth is still worth a look.
+
+    Returns a JSON-able dict (no NaN): the rule in words, ``n_cases``, and per foreground organ
+    ``threshold``, ``method`` ("youden", "quantile", or "none" with no threshold for an organ never
+    predicted on validation), ``n_scored``, ``n_poor``,
+    ``poor_dice_below``, ``sensitivity``, ``specificity`` and ``youden_j`` on the validation
+    cases (None where not defined), and ``expected`` (predicted in every validation case, so a
+    case where it is absent is flagged).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    dice = np.asarray(dice, dtype=np.float64)
+    if scores.shape != dice.shape or scores.ndim != 2 or scores.shape[1] != len(class_names):
+        raise ValueError(f"fit_flag_thresholds: scores {scores.shape} and dice {dice.shape} must both be "
+                         f"(n_cases, {len(class_names)})")
+    organs = {}
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        organ_scores, organ_dice = scores[:, c], dice[:, c]
+        scored = np.isfinite(organ_scores) & np.isfinite(organ_dice)
+        fit = {"n_scored": int(scored.sum()), "n_poor": None, "poor_dice_below": None, "sensitivity": None,
+               "specificity": None, "youden_j": None,
+               "expected": bool(scores.shape[0] > 0 and np.isfinite(organ_scores).all())}
+        if scored.any():
+            poor_dice_below = float(np.quantile(organ_dice[scored], poor_quantile))
+            poor = organ_dice[scored] < poor_dice_below
+            fit["poor_dice_below"], fit["n_poor"] = poor_dice_below, int(poor.sum())
+            threshold, method = _youden_threshold(organ_scores[scored], poor), "youden"
+            if threshold is None:
+                threshold = float(np.quantile(organ_scores[scored], fallback_quantile))
+                method = "quantile"
+            flagged = organ_scores[scored] > threshold
+            if poor.any():
+                fit["sensitivity"] = float((flagged & poor).sum() / poor.sum())
+            if (~poor).any():
+                fit["specificity"] = float((~flagged & ~poor).sum() / (~poor).sum())
+            if fit["sensitivity"] is not None and fit["specificity"] is not None:
+                fit["youden_j"] = fit["sensitivity"] + fit["specificity"] - 1
+        else:
+            threshold, method = None, "none"  # never predicted on validation: only the absence rule applies
+        organs[name] = {"threshold": threshold, "method": method, **fit}
+    return {"score": ORGAN_SCORE, "rule": FLAG_RULE, "poor": f"Dice below the organ's validation "
+            f"{poor_quantile:g} quantile", "poor_quantile": poor_quantile, "fallback_quantile": fallback_quantile,
+            "n_cases": int(scores.shape[0]), "organs": organs}
+
+
+def _youden_threshold(organ_scores: np.ndarray, poor: np.ndarray) -> float | None:
+    if (poor.size < MIN_CASES_FOR_FIT or poor.sum() < MIN_CASES_PER_GROUP
+            or (~poor).sum() < MIN_CASES_PER_GROUP):
+        return None
+    levels = np.unique(organ_scores)
+    best_threshold, best_j = None, 0.0
+    for threshold in (levels[:-1] + levels[1:]) / 2:
+        flagged = organ_scores > threshold
+        j = flagged[poor].mean() + (~flagged[~poor]).mean() - 1
+        if j >= best_j and j > 0:  # ascending thresholds: '>=' keeps the highest among ties
+            best_threshold, best_j = float(threshold), j
+    return best_threshold
+
+
+def flag_case(scores: np.ndarray, rule: dict, class_names: Sequence[str]) -> list[dict]:
+    """The organs that flag one case for review under ``rule`` (from ``fit_flag_thresholds``):
+    ``[{"organ": name, "score": s, "threshold": t, "reason": "uncertain" | "not predicted"}]``,
+    in class order; empty when the case needs no closer look. ``scores`` is ``(C,)`` from
+    ``organ_uncertainty``; ``score`` is None for an organ that is not predicted."""
+    scores = np.asarray(scores, dtype=np.float64)
+    flags = []
+    for c, name in enumerate(class_names):
+        organ = rule["organs"].get(name) if c > 0 else None
+        if organ is None:
+            continue
+        threshold = organ["threshold"]
+        if not np.isfinite(scores[c]):
+            if organ.get("expected"):
+                flags.append({"organ": name, "score": None, "threshold": threshold, "reason": "not predicted"})
+        elif threshold is not None and scores[c] > threshold:
+            flags.append({"organ": name, "score": float(scores[c]), "threshold": threshold, "reason": "uncertain"})
+    return flags
+
+
+# ----------------------------------------------------------------------------- measuring the score
+
+def voxel_error_auroc(entropy: np.ndarray, prediction: np.ndarray, target: np.ndarray,
+                      body_mask: np.ndarray | None = None) -> float:
+    """How well the voxel entropy ranks wrong voxels above right ones: ROC AUC of ``entropy`` for
+    ``prediction != target`` over the voxels in ``body_mask`` (all voxels if None). 0.5 is
+    chance, 1 a perfect ranking; NaN when the voxels are all right or all wrong."""
+    entropy, prediction, target = np.asarray(entropy), np.asarray(prediction), np.asarray(target)
+    inside = np.ones(entropy.shape, dtype=bool) if body_mask is None else np.asarray(body_mask, dtype=bool)
+    wrong = (prediction != target)[inside]
+    if wrong.all() or not wrong.any():
+        return math.nan
+    return float(roc_auc_score(wrong, entropy[inside]))
+
+
+def rank_correlation(scores: np.ndarray, dice: np.ndarray) -> float:
+    """Spearman's rank correlation between organ scores and Dice over the pairs where both are
+    finite (any matching shapes, e.g. ``(n_cases, C)`` or one organ's column); a score that
+    tracks errors correlates negatively. NaN with fewer than 3 pairs or a constant side."""
+    scores, dice = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(dice, dtype=np.float64).ravel()
+    if scores.shape != dice.shape:
+        raise ValueError(f"rank_correlation: {scores.size} scores and {dice.size} Dice values")
+    both = np.isfinite(scores) & np.isfinite(dice)
+    if both.sum() < 3 or np.ptp(scores[both]) == 0 or np.ptp(dice[both]) == 0:
+        return math.nan
+    return float(stats.spearmanr(scores[both], dice[both]).statistic)
