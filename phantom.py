@@ -63,14 +63,22 @@ def get_args(argv=None):
     parser.add_argument("--weeks", type=int, default=3, help="scans per patient, written as Week0 .. Week{W-1}")
     parser.add_argument("--shape", type=int, nargs=3, default=list(BASE_SHAPE), metavar=("X", "Y", "Z"),
                         help="array shape; the field of view stays the same, so spacing scales with it")
+    parser.add_argument("--fov", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("FX", "FY", "FZ"),
+                        help="keep this central fraction of the field of view on each axis (another protocol's "
+                        "smaller field of view; the anatomy stays where it is in mm)")
     parser.add_argument("--seed", type=int, default=0, help="seed; equal seeds give byte-identical files")
     parser.add_argument("--first-patient-id", type=int, default=4, metavar="ID",
                         help="id of the first patient (HipMRI starts at Case_004)")
     parser.add_argument("--preview", type=Path, default=None, metavar="PNG",
                         help="save three labelled slices of the first patient's Week0 (at --shape) to this PNG")
+    parser.add_argument("--dicom", action="store_true",
+                        help="also write each case as a DICOM MR series in --out/dicom/<case id>/, its voxels at "
+                        "the same patient positions as in the NIfTI (for trying the DICOM input of predict.py)")
     args = parser.parse_args(argv)
     if args.out is None and args.preview is None:
         parser.error("give --out, --preview or both")
+    if args.dicom and args.out is None:
+        parser.error("--dicom writes under --out: give --out")
     return args
 
 
@@ -435,6 +443,18 @@ def make_case(patient_id: int, week: int, shape=BASE_SHAPE, seed: int = 0):
     return image, label, affine
 
 
+def crop_field_of_view(image, label, affine, fractions):
+    """Keep the central ``fractions`` of the field of view on each axis; the affine's origin moves
+    with the crop, so every kept voxel stays at its position in mm."""
+    shape = np.array(image.shape)
+    kept = np.maximum(1, np.round(shape * np.clip(np.asarray(fractions, dtype=float), 0, 1)).astype(int))
+    start = (shape - kept) // 2
+    window = tuple(slice(int(a), int(a + n)) for a, n in zip(start, kept))
+    cropped_affine = affine.copy()
+    cropped_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    return image[window], label[window], cropped_affine
+
+
 def save_nifti(array, affine, path, units=None):
     """Write .nii.gz with a zeroed gzip timestamp so equal inputs give equal bytes."""
     nifti = nib.Nifti1Image(array, affine)
@@ -445,8 +465,9 @@ def save_nifti(array, affine, path, units=None):
     Path(path).write_bytes(gzip.compress(nifti.to_bytes(), compresslevel=1, mtime=0))
 
 
-def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first_patient_id=4):
-    """Write a HipMRI-style release into out_dir; returns the (image, label) path pairs."""
+def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first_patient_id=4, fov=(1.0, 1.0, 1.0)):
+    """Write a HipMRI-style release into out_dir; returns the (image, label) path pairs. ``fov``
+    keeps a central fraction of the field of view (``crop_field_of_view``)."""
     image_dir, label_dir = Path(out_dir) / "semantic_MRs_anon", Path(out_dir) / "semantic_labels_anon"
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
@@ -454,6 +475,8 @@ def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first
     for patient_id in range(first_patient_id, first_patient_id + patients):
         for week in range(weeks):
             image, label, affine = make_case(patient_id, week, shape, seed)
+            if tuple(fov) != (1.0, 1.0, 1.0):
+                image, label, affine = crop_field_of_view(image, label, affine, fov)
             image_path = image_dir / f"Case_{patient_id:03d}_Week{week}_LFOV.nii.gz"
             label_path = label_dir / f"Case_{patient_id:03d}_Week{week}_SEMANTIC_LFOV.nii.gz"
             save_nifti(image, affine, image_path, units="mm")
@@ -506,13 +529,97 @@ def save_preview(image, label, path, spacing=BASE_SPACING):
     plt.close(figure)
 
 
+def write_dicom_series(image, affine, folder, patient_id, series_description, uid_entropy=None,
+                       study_date="20240101", series_number=1):
+    """Write ``image`` (axes i, j, k) as a single-frame MR series, one file per slice k, into ``folder``.
+
+    ``affine`` is the image's NIfTI affine (RAS, as nibabel gives it); DICOM is LPS, so
+    world_LPS = diag(-1, -1, 1) @ world_RAS, and every pixel lands at its voxel's position.
+    Integer images from 0 to 65535 are stored as they are, others through RescaleSlope and
+    RescaleIntercept. UIDs derive from ``uid_entropy`` (e.g. seed and case id), so equal inputs
+    give equal files; without it they are random. Returns the written paths in slice order.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.valuerep import format_number_as_ds
+
+    def new_uid(role):
+        return generate_uid(entropy_srcs=None if uid_entropy is None else [*map(str, uid_entropy), role])
+
+    def decimals(values):  # DICOM's decimal strings hold 16 characters
+        return [format_number_as_ds(float(v)) for v in values]
+
+    image = np.asarray(image)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+    column_spacing, row_spacing, slice_spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    row_cosine, column_cosine = lps[:3, 0] / column_spacing, lps[:3, 1] / row_spacing
+    normal = np.cross(row_cosine, column_cosine)
+    if abs(row_cosine @ column_cosine) > 1e-6 or abs(abs(normal @ lps[:3, 2]) - slice_spacing) > 1e-6 * slice_spacing:
+        raise ValueError("DICOM slices need an affine whose three axes are perpendicular")
+    if np.all(image == np.rint(image)) and image.min() >= 0 and image.max() <= 65535:
+        slope, intercept = 1.0, 0.0
+    else:
+        intercept = float(image.min())
+        slope = max(float(image.max()) - intercept, 1e-12) / 65535
+    stored = np.rint((image - intercept) / slope).astype("<u2")
+
+    study_uid, series_uid, frame_uid = new_uid("study"), new_uid("series"), new_uid("frame of reference")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(image.shape[2]):
+        position = lps[:3, 3] + k * lps[:3, 2]
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, new_uid(f"slice {k}")
+        ds.PatientName, ds.PatientID = f"{patient_id}^", patient_id  # the caret: a family name alone
+        ds.PatientBirthDate, ds.PatientSex = "", "M"
+        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, study_date, "080000", "1"
+        ds.ReferringPhysicianName, ds.AccessionNumber = "", ""
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", series_uid, series_number
+        ds.SeriesDescription, ds.PatientPosition = series_description, "HFS"
+        ds.BodyPartExamined = "PELVIS"  # an unpaired part, so no Laterality
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
+        ds.Manufacturer = "phantom.py"
+        ds.InstanceNumber = k + 1
+        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]  # synthetic, not acquired
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "3D"
+        ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "4000", "100", 16  # a T2-weighted turbo spin echo
+        ds.ImagePositionPatient = decimals(position)
+        ds.ImageOrientationPatient = decimals([*row_cosine, *column_cosine])
+        ds.PixelSpacing = decimals([row_spacing, column_spacing])  # between rows, then between columns
+        ds.SliceThickness = ds.SpacingBetweenSlices = format_number_as_ds(float(slice_spacing))
+        ds.SliceLocation = format_number_as_ds(float(position @ normal))
+        if (slope, intercept) != (1.0, 0.0):
+            ds.RescaleSlope, ds.RescaleIntercept = format_number_as_ds(slope), format_number_as_ds(intercept)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = image.shape[1], image.shape[0]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows are j, columns are i
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = MRImageStorage, ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"MR{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def main(args):
     start = time.perf_counter()
     shape = tuple(args.shape)
     written = []
     if args.out is not None:
-        pairs = write_phantom(args.out, args.patients, args.weeks, shape, args.seed, args.first_patient_id)
+        pairs = write_phantom(args.out, args.patients, args.weeks, shape, args.seed, args.first_patient_id,
+                              tuple(args.fov))
         written.append(f"{len(pairs)} image/label pairs of shape {shape} to {args.out}")
+        if args.dicom:  # from the written NIfTI, so the series has exactly its geometry
+            for image_path, _ in pairs:
+                nifti = nib.load(image_path)
+                case_id = image_path.name.replace("_LFOV.nii.gz", "")
+                write_dicom_series(nifti.get_fdata(dtype=np.float32), nifti.affine, args.out / "dicom" / case_id,
+                                   case_id.split("_Week")[0], "T2 phantom", uid_entropy=(args.seed, case_id))
+            written.append(f"{len(pairs)} DICOM series to {args.out / 'dicom'}")
     if args.preview is not None:
         image, label, affine = make_case(args.first_patient_id, 0, shape, args.seed)
         save_preview(image, label, args.preview, spacing=np.abs(np.diag(affine)[:3]))
