@@ -19,7 +19,7 @@ step. Configurations:
 
 MONAI's nets run with bf16 autocast on CUDA (train.py's default) and in float32 on the CPU, so on
 the CPU the like-for-like comparison against AttentionUnet is ours_eager_fp32's. ours_bf16 is what
-train.py and predict.py use on CPUs with native bf16 instructions (predict.autocast_dtype); the
+train.py and predict.py use on CPUs with native bf16 instructions (inference.autocast_dtype); the
 CPU fast path is whichever of ours_eager_fp32, ours_bf16 and ours_compiled is fastest; compiling
 costs minutes on a small machine, hence --compile.
 
@@ -66,9 +66,9 @@ from monai.data import DataLoader, Dataset
 from monai.losses import DiceCELoss
 from monai.networks.nets import AttentionUnet, DynUNet
 
-from dataset import CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, find_cases
+from dataset import CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, find_cases, lps_geometry
 from modules import ImprovedUNet3D, count_parameters
-from predict import autocast_dtype, predict_probabilities, resolve_device
+from inference import autocast_dtype, predict_probabilities, resolve_device
 
 NUM_CLASSES = len(CLASS_NAMES)
 GIB = 2**30
@@ -183,7 +183,7 @@ def cpu_has_bf16() -> bool:
 
 
 def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
-    """predict.autocast_dtype on CUDA (bf16, or fp16 where bf16 is missing); it gives None on the
+    """inference.autocast_dtype on CUDA (bf16, or fp16 where bf16 is missing); it gives None on the
     CPU, where the bench asks for bf16 explicitly."""
     if not config.amp:
         return None
@@ -489,12 +489,12 @@ def measure_loader(config: Config, args, device: torch.device, image: torch.Tens
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as folder:
         start = time.perf_counter()
         write_cases(Path(folder), args.cases, args.size, args.seed)
-        # train.py's pipeline. Whole-volume crops (the patch is the volume, as in the issue's
-        # full-size step), so no cached crop indices, as train.py when the patch is the volume.
-        cache = cached_dataset(find_cases(folder), args.size, NUM_CLASSES, workers=max(args.workers, 1))
+        # train.py's pipeline on whole volumes (as in the issue's full-size step), resampled to their
+        # own spacing so that they keep --size; no crop, as train.py without --patch-size.
+        cases = find_cases(folder)
+        cache = cached_dataset(cases, lps_geometry(cases[0].image)[1], NUM_CLASSES, workers=max(args.workers, 1))
         result["prepare_s"] = round(time.perf_counter() - start, 2)
-        crop_ratios = [0.5] + [1.0] * (NUM_CLASSES - 1)
-        data = Dataset(cache, transform=augmentation(args.size, NUM_CLASSES, crop_ratios, on_device))
+        data = Dataset(cache, transform=augmentation(None, NUM_CLASSES, None, on_device))
         device_augmentation = DeviceAugmentation() if on_device else None
         generator = torch.Generator(device).manual_seed(args.seed)
         # One endless epoch: no epoch boundary (and worker restart) falls inside the timing.

@@ -20,16 +20,18 @@ from dataclasses import dataclass
 from multiprocessing.dummy import DummyProcess
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset
+from monai.data import CacheDataset, MetaTensor, NibabelReader
 
 log = logging.getLogger("hipmri")
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
 ORIENTATION = "LPS"  # HipMRI's stored orientation: array order stays the order users see on disk
 MAX_ABS_INTENSITY = 1e30  # far above any MRI scale, far below float32's 3.4e38
+MAX_RESAMPLED_AXIS = 2048  # voxels per axis after resampling: 8x HipMRI's largest, far below memory limits
 
 # Case_004_Week0_LFOV.nii.gz, K004_Week0_LFOV.nii.gz, ..._SEMANTIC_LFOV / ..._SEMANTIC for labels.
 NAME_PATTERN = re.compile(
@@ -106,22 +108,39 @@ def find_cases(data_root: str | Path, require_labels: bool = True) -> list[Case]
     return cases
 
 
+LABEL_NAME = re.compile(r"(_SEMANTIC|label|_seg\b|_mask\b)", re.IGNORECASE)
+
+
 def cases_from_input(path: str | Path) -> list[Case]:
-    """Images to predict: one NIfTI file, or every NIfTI image in a folder (labels used when paired)."""
+    """Images to predict: one NIfTI file, or every NIfTI image in a folder (labels used when paired
+    by HipMRI names). Outside HipMRI naming, files that look like labels (``_SEMANTIC``, ``label``,
+    ``_seg``, ``_mask`` in the name or a ``label`` folder) are not images; case ids are file names,
+    or relative paths where two files in different folders share a name, so no output is written
+    twice."""
     path = Path(path)
     if path.is_file():
         match = NAME_PATTERN.match(path.name)
         patient, week = (f"{int(match['patient']):03d}", int(match["week"])) if match else ("", 0)
         return [Case(str(path), None, case_id_from_path(path), patient, week)]
-    if path.is_dir():
-        try:
-            return find_cases(path, require_labels=False)
-        except DataError:
-            files = sorted(p for p in path.rglob("*.nii*") if p.is_file())
-            if not files:
-                raise DataError(f"{path}: no .nii or .nii.gz files found") from None
-            return [Case(str(p), None, case_id_from_path(p), "", 0) for p in files]
-    raise DataError(f"{path}: input does not exist")
+    if not path.is_dir():
+        raise DataError(f"{path}: input does not exist")
+    try:
+        return find_cases(path, require_labels=False)
+    except DataError:
+        pass
+    files = sorted(p for p in path.rglob("*.nii*") if p.is_file() and re.search(r"\.nii(\.gz)?$", p.name, re.I)
+                   and not LABEL_NAME.search(p.name)
+                   and not any("label" in part.lower() for part in p.relative_to(path).parts[:-1]))
+    if not files:
+        raise DataError(f"{path}: no .nii or .nii.gz images found")
+    names = [case_id_from_path(p) for p in files]
+    cases = []
+    for file, name in zip(files, names):
+        if names.count(name) > 1:
+            relative = file.relative_to(path)
+            name = "__".join([*relative.parts[:-1], case_id_from_path(relative)])
+        cases.append(Case(str(file), None, name, "", 0))
+    return cases
 
 
 # ----------------------------------------------------------------------------- split
@@ -143,26 +162,61 @@ def split_patients(patients: Sequence[str], seed: int = 0, fractions=(0.6, 0.2, 
     }
 
 
-def load_or_make_split(cases: Sequence[Case], split_file: str | Path, seed: int = 0) -> dict[str, list[str]]:
-    """Reuse ``split_file`` (splits.json) when present, otherwise make a new split and save it."""
+def make_folds(patients: Sequence[str], test: Sequence[str], folds: int, seed: int = 0) -> list[list[str]]:
+    """The patients outside ``test`` in ``folds`` seeded, patient-level, disjoint folds."""
+    remaining = sorted(set(patients) - set(test))
+    if folds < 2 or folds > len(remaining):
+        raise DataError(f"--folds {folds}: need 2 to {len(remaining)} folds for the {len(remaining)} non-test patients")
+    order = np.random.default_rng(seed + 1).permutation(len(remaining))
+    return [sorted(remaining[i] for i in order[k::folds]) for k in range(folds)]
+
+
+def load_or_make_split(cases: Sequence[Case], split_file: str | Path, seed: int = 0, folds: int | None = None,
+                       fold: int | None = None) -> dict[str, list[str]]:
+    """The run's split as {train, val, test}: reuse ``split_file`` (splits.json) when present,
+    otherwise make it and save it.
+
+    Without folds: a seeded patient-level 6:2:2 split. With ``folds`` K: the test patients of that
+    same split stay fixed, the others form K seeded folds, and fold ``fold`` is validated on its
+    own patients and trained on the rest; splits.json records the test patients and all K folds,
+    so every fold's run folder holds the same file.
+    """
     split_file = Path(split_file)
     patients = sorted({c.patient for c in cases})
     if split_file.exists():
         try:
-            split = json.loads(split_file.read_text())
-            assigned = [p for part in ("train", "val", "test") for p in split[part]]
+            stored = json.loads(split_file.read_text())
+            if folds is not None:
+                if len(stored["folds"]) != folds:
+                    raise DataError(f"{split_file}: holds {len(stored['folds'])} folds, not --folds {folds}")
+                split = resolve_fold(stored, fold)
+            else:
+                split = {part: list(stored[part]) for part in ("train", "val", "test")}
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise DataError(f"{split_file}: not a valid split file ({error})") from None
-        if len(assigned) != len(set(assigned)):
-            raise DataError(f"{split_file}: a patient is listed in two splits")
-        unassigned = sorted(set(patients) - set(assigned))
-        if unassigned:
-            log.warning("%s: patients %s are in no split and are not used", split_file, ", ".join(unassigned))
-        return {part: list(split[part]) for part in ("train", "val", "test")}
-    split = split_patients(patients, seed)
-    split_file.parent.mkdir(parents=True, exist_ok=True)
-    split_file.write_text(json.dumps(split, indent=2) + "\n")
+            raise DataError(f"{split_file}: not a valid split file for this run ({error})") from None
+    else:
+        split = split_patients(patients, seed)
+        stored = split
+        if folds is not None:
+            stored = {"test": split["test"], "folds": make_folds(patients, split["test"], folds, seed), "seed": seed}
+            split = resolve_fold(stored, fold)
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        split_file.write_text(json.dumps(stored, indent=2) + "\n")
+    assigned = [p for part in ("train", "val", "test") for p in split[part]]
+    if len(assigned) != len(set(assigned)):
+        raise DataError(f"{split_file}: a patient is listed in two splits")
+    unassigned = sorted(set(patients) - set(assigned))
+    if unassigned:
+        log.warning("%s: patients %s are in no split and are not used", split_file, ", ".join(unassigned))
     return split
+
+
+def resolve_fold(stored: dict, fold: int | None) -> dict[str, list[str]]:
+    folds = stored["folds"]
+    if fold is None or not 0 <= fold < len(folds):
+        raise DataError(f"--fold {fold}: must be 0..{len(folds) - 1}")
+    train = sorted(p for k, part in enumerate(folds) if k != fold for p in part)
+    return {"train": train, "val": list(folds[fold]), "test": list(stored["test"])}
 
 
 def cases_in(cases: Sequence[Case], patients: Sequence[str]) -> list[Case]:
@@ -191,15 +245,22 @@ class LoadValidated(mt.MapTransform):
     def __init__(self, keys: Sequence[str], num_classes: int = len(CLASS_NAMES)):
         super().__init__(keys, allow_missing_keys=True)
         self.num_classes = num_classes
-        self.reader = mt.LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)
+        # MONAI's NibabelReader used directly: LoadImage would also instantiate every other reader
+        # it knows, and with pydicom installed its nvImageCodec DICOM reader warns on every load.
+        self.reader = NibabelReader()
 
     def load(self, path: str) -> torch.Tensor:
         try:
-            volume = self.reader(path)
+            array, meta = self.reader.get_data(self.reader.read(path))
+            meta["filename_or_obj"] = str(path)
+            volume = MetaTensor.ensure_torch_and_prune_meta(np.asarray(array, dtype=np.float32), meta)
         except Exception as error:  # nibabel raises many types for damaged files
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DataError(f"{path}: cannot be read as NIfTI ({reason[:200]})") from None
         volume = drop_trailing_singletons(volume)
+        affine = np.asarray(volume.affine, dtype=np.float64)
+        if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise DataError(f"{path}: the header's voxel-to-mm affine is not usable (not finite or singular)")
         if volume.ndim != 3:
             raise DataError(f"{path}: expected a 3D volume, got shape {tuple(volume.shape)}")
         if min(volume.shape) < 2:
@@ -244,43 +305,121 @@ class LoadValidated(mt.MapTransform):
         return item
 
 
-def preprocessing(spatial_size: Sequence[int], num_classes: int = len(CLASS_NAMES)) -> mt.Compose:
+def lps_geometry(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(shape, spacing in mm) of a NIfTI file in LPS array order, from its header alone."""
+    try:
+        header_image = nib.load(str(path))
+    except Exception as error:  # nibabel raises many types for damaged files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: cannot be read as NIfTI ({reason[:200]})") from None
+    affine = header_image.affine
+    shape = drop_trailing_singletons(np.empty(header_image.shape, dtype=bool)).shape
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    lps_shape, lps_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    for source_axis, (target_axis, _) in enumerate(nib.orientations.io_orientation(affine)):
+        lps_shape[int(target_axis)] = int(shape[source_axis])
+        lps_spacing[int(target_axis)] = float(zooms[source_axis])
+    return tuple(lps_shape), tuple(lps_spacing)
+
+
+def choose_spacing(cases: Sequence[Case], spacing: Sequence[float] | None = None,
+                   spatial_size: Sequence[int] | None = None) -> tuple[list[float], str]:
+    """The target voxel spacing in mm (LPS order) and how it was derived.
+
+    ``spacing`` is taken as given. ``spatial_size`` is the array size a median training volume
+    should get: spacing = median field of view / size. Neither: twice the median spacing, which is
+    half resolution on every axis (128 x 128 x 64 for a median HipMRI volume).
+    """
+    if spacing is not None:
+        return [float(s) for s in spacing], "given with --spacing"
+    geometry = [lps_geometry(c.image) for c in cases]
+    median_spacing = np.median([g[1] for g in geometry], axis=0)
+    if spatial_size is not None:
+        median_fov = np.median([np.multiply(g[0], g[1]) for g in geometry], axis=0)
+        derived = [float(f / n) for f, n in zip(median_fov, spatial_size)]
+        return derived, (f"median training field of view {[round(float(f), 2) for f in median_fov]} mm "
+                         f"/ --spatial-size {list(spatial_size)}")
+    return ([float(2 * s) for s in median_spacing],
+            f"2 x median training spacing {[round(float(s), 4) for s in median_spacing]} mm")
+
+
+class ResampleToSpacingd(mt.MapTransform):
+    """Resample image and label to a target voxel spacing in mm, keeping the field of view.
+
+    The output shape is round(shape x spacing / target) per axis (nnU-Net's rule) and MONAI's
+    Resize does the resampling, so the field of view is kept exactly and the affine follows; the
+    voxel size then equals the target within half a voxel over the whole field of view. Image:
+    area averaging when every axis shrinks (the anti-aliased downsampling, one pass), trilinear
+    with Gaussian anti-aliasing otherwise; label: centre-exact nearest neighbour only (linear
+    interpolation of label values would invent classes at borders). Not Spacingd: it has no area
+    mode and snaps the extent to whole target voxels from the first voxel centre, which shifts
+    the grid against the field of view.
+    """
+
+    def __init__(self, spacing: Sequence[float], image_key: str = "image", label_key: str = "label"):
+        super().__init__((image_key, label_key), allow_missing_keys=True)
+        self.spacing = np.asarray(spacing, dtype=np.float64)
+        self.image_key, self.label_key = image_key, label_key
+
+    def target_shape(self, image) -> tuple[int, ...]:
+        current = np.sqrt((np.asarray(image.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+        shape = tuple(int(round(n * s / t)) for n, s, t in zip(image.shape[1:], current, self.spacing))
+        if min(shape) < 2 or max(shape) > MAX_RESAMPLED_AXIS:
+            # A damaged header's voxel size would otherwise ask for a single voxel or for gigabytes.
+            raise DataError(f"{image.meta.get('filename_or_obj', 'volume')}: voxel size "
+                            f"{[round(float(s), 4) for s in current]} mm x shape {list(image.shape[1:])} gives "
+                            f"{list(shape)} voxels at {self.spacing.tolist()} mm: a damaged header?")
+        return shape
+
+    def __call__(self, data: dict) -> dict:
+        item = dict(data)
+        image = item[self.image_key]
+        shape = self.target_shape(image)
+        shrinking = all(new <= old for new, old in zip(shape, image.shape[1:]))
+        image_resize = (mt.Resize(shape, mode="area") if shrinking
+                        else mt.Resize(shape, mode="trilinear", anti_aliasing=True))
+        item[self.image_key] = image_resize(image)
+        if self.label_key in item:
+            item[self.label_key] = mt.Resize(shape, mode="nearest-exact")(item[self.label_key])
+        return item
+
+
+def preprocessing(spacing: Sequence[float], num_classes: int = len(CLASS_NAMES)) -> mt.Compose:
     """Deterministic preprocessing shared by training, validation and prediction.
 
-    Load and validate -> channel first -> LPS orientation -> resize to ``spatial_size`` (image by
-    area averaging, which is the anti-aliased downsampling and costs one pass; label by nearest
-    neighbour (centre-exact): linear interpolation of label values would invent classes at borders) ->
-    percentile intensity normalisation (on the resized volume: same result, a fraction of the
+    Load and validate -> channel first -> LPS orientation -> resample to ``spacing`` in mm
+    (``ResampleToSpacingd``; volumes keep their own field of view and so their own array size) ->
+    percentile intensity normalisation (on the resampled volume: same result, a fraction of the
     cost). Works on items with or without a label.
     """
     keys = ("image", "label")
     return mt.Compose([
         LoadValidated(keys, num_classes),
         mt.EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=True),
-        mt.Orientationd(keys, axcodes=ORIENTATION, allow_missing_keys=True),
-        mt.Resized("image", spatial_size=tuple(spatial_size), mode="area"),
-        # "nearest-exact" samples each output voxel's centre, as area averaging does for the image;
-        # plain "nearest" takes the low corner and shifts labels against the image.
-        mt.Resized("label", spatial_size=tuple(spatial_size), mode="nearest-exact", allow_missing_keys=True),
+        # Axis labels passed explicitly: MONAI warns that its default will change.
+        mt.Orientationd(keys, axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S")),
+                        allow_missing_keys=True),
+        ResampleToSpacingd(spacing),
         # MRI has no absolute intensity scale; robust percentiles ignore bright outliers.
         mt.ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
         mt.EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),
     ])
 
 
-def augmentation(patch_size: Sequence[int], num_classes: int = len(CLASS_NAMES),
+def augmentation(patch_size: Sequence[int] | None, num_classes: int = len(CLASS_NAMES),
                  class_crop_ratios: Sequence[float] | None = None, spatial_on_device: bool = False) -> mt.Compose:
     """Random training augmentation applied after the cached preprocessing (MONAI transforms).
 
-    Crop (centred on each class in turn, so rare organs are seen often) -> elastic deformation
-    with small rotation and scaling in one resampling -> left-right flip only (flipping
-    superior-inferior or anterior-posterior makes anatomy that never occurs) -> intensity.
-    Rotation ranges are radians. With ``spatial_on_device`` only the crop runs here and
-    ``DeviceAugmentation`` does the rest on the training device, batched.
+    Crop of ``patch_size`` (centred on each class in turn, so rare organs are seen often; none
+    for whole-volume training) -> elastic deformation with small rotation and scaling in one
+    resampling -> left-right flip only (flipping superior-inferior or anterior-posterior makes
+    anatomy that never occurs) -> intensity. Rotation ranges are radians. With
+    ``spatial_on_device`` only the crop runs here and ``DeviceAugmentation`` does the rest on the
+    training device, batched.
     """
     keys = ("image", "label")
     ratios = list(class_crop_ratios) if class_crop_ratios is not None else [1.0] * num_classes
-    crop = [
+    crop = [] if patch_size is None else [
         mt.RandCropByLabelClassesd(keys, label_key="label", spatial_size=tuple(patch_size), ratios=ratios,
                                    num_classes=num_classes, num_samples=1, allow_smaller=True, warn=False,
                                    indices_key=CROP_INDICES_KEY, allow_missing_keys=True),
@@ -382,14 +521,14 @@ class DeviceAugmentation:
 CROP_INDICES_KEY = "label_cls_indices"
 
 
-def cached_dataset(cases: Sequence[Case], spatial_size: Sequence[int], num_classes: int = len(CLASS_NAMES),
+def cached_dataset(cases: Sequence[Case], spacing: Sequence[float], num_classes: int = len(CLASS_NAMES),
                    workers: int = 0, progress: bool = False, crop_indices: bool = False) -> CacheDataset:
     """Preprocessed volumes held in memory: epochs do not reload or resample anything.
 
     ``crop_indices`` also caches each class's voxel indices, so that class-centred random crops
     do not search the label volume again at every step.
     """
-    transform = preprocessing(spatial_size, num_classes)
+    transform = preprocessing(spacing, num_classes)
     if crop_indices:
         transform = mt.Compose([*transform.transforms, mt.ClassesToIndicesd(
             "label", num_classes=num_classes, indices_postfix="_cls_indices")])

@@ -1,10 +1,13 @@
 """Train the 3D Improved UNet on HipMRI-layout data (or, without --data-root, on the phantom).
 
     python train.py --out runs/demo                       # one process, CPU or one GPU
+    python train.py --out runs/fold0 --folds 5 --fold 0   # one cross-validation fold
     torchrun --nproc_per_node=4 train.py --out runs/ddp   # DistributedDataParallel
 
-RUN_DIR receives config.json, splits.json, metrics.csv, training_curves.png, last.pt (every
-epoch) and best.pt (best validation mean foreground Dice). --resume continues from last.pt.
+RUN_DIR receives config.json, splits.json, metrics.csv, training_curves.png, last.pt (the full
+state, every epoch), best.pt (weights and settings of the best validation epoch) and
+postprocessing.json (the post-processing decided on the validation patients). --resume
+continues from last.pt with the run's own settings.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,33 +37,41 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in, class_voxel_counts,
-                     class_weights_from_counts, find_cases, load_or_make_split)
+from cli import explicit_flags, run_cli
+from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in,
+                     choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split)
+from inference import (autocast_dtype, decide_postprocessing, labels_from_probabilities, load_source,
+                       out_of_memory_message, predict_probabilities, resolve_device, to_source_grid, volume_figures)
+from metrics import dice_from_counts, dice_per_class, format_value, nan_mean, overlap_counts
 from modules import ImprovedUNet3D, count_parameters
-from predict import (autocast_dtype, dice_from_counts, dice_per_class, nan_mean, overlap_counts,
-                     predict_probabilities, resolve_device, run_cli)
 
 DEFAULT_PHANTOM = Path("data/phantom")
-MEMORY_FLAGS = ("--patch-size (smaller crops), --spatial-size, --channels (narrower network), "
-                "--checkpointing, --batch-size 1")
+# Settings a resumed run may take from the new command line: where things are and how to run,
+# not what is trained. Every other setting comes back from the checkpoint.
+OPERATIONAL_FLAGS = {"out", "resume", "debug", "workers", "device", "data_root", "explicit"}
+EXTENDABLE_FLAGS = {"epochs", "patience"}
 
 
-def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the 3D Improved UNet for pelvic MRI segmentation.")
     parser.add_argument("--data-root", help="HipMRI-layout folder; without it the phantom in data/phantom/ "
                         "is generated once and used")
     parser.add_argument("--out", default="runs/default", help="run folder for checkpoints, metrics and curves")
-    parser.add_argument("--epochs", type=int, default=40, help="maximum number of epochs")
-    parser.add_argument("--batch-size", type=int, default=1, help="volumes per step and process")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-decayed)")
+    parser.add_argument("--epochs", type=int, default=40, help="maximum number of epochs (may be raised on --resume)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="volumes per step and process; above 1 needs --patch-size (volumes differ in size)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-decayed to 1/100)")
     parser.add_argument("--weight-decay", type=float, default=1e-5, help="Adam L2 weight decay")
     parser.add_argument("--loss", choices=("ce", "dice", "combined"), default="combined",
                         help="class-weighted cross-entropy, Dice, or both summed (MONAI DiceCELoss)")
-    parser.add_argument("--spatial-size", type=int, nargs=3, default=(128, 128, 64), metavar=("X", "Y", "Z"),
-                        help="common size volumes are resampled to, in the stored array order "
-                        "(128 128 64 halves a 256 x 256 x 128 HipMRI volume)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="voxel spacing in mm (LPS order) every volume is resampled to (default: twice the "
+                        "training set's median spacing, i.e. half resolution)")
+    parser.add_argument("--spatial-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="instead of --spacing: the array size a median training volume gets (LPS order; "
+                        "turned into a spacing from the median training field of view)")
     parser.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                        help="random training crop and sliding-window size (default: --spatial-size)")
+                        help="random training crop and sliding-window size in voxels (default: whole volumes)")
     parser.add_argument("--channels", type=int, nargs=4, default=(32, 64, 128, 256),
                         help="widths of the four resolution steps (bottleneck: twice the last)")
     parser.add_argument("--dropout", type=float, default=0.0, help="Dropout3d probability in every block")
@@ -74,9 +86,14 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in validation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     parser.add_argument("--patience", type=int, default=10,
-                        help="stop after this many epochs without a better validation mean foreground Dice")
+                        help="stop after this many epochs without a better validation mean foreground Dice "
+                        "(may be changed on --resume)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and augmentation")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    parser.add_argument("--folds", type=int, help="cross-validation: split the non-test patients into K folds")
+    parser.add_argument("--fold", type=int, help="with --folds: the fold validated in this run (0..K-1)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from RUN_DIR/last.pt with its settings; only --epochs and --patience may "
+                        "differ (and --data-root, --device, --workers)")
     parser.add_argument("--no-amp", action="store_true",
                         help="full float32 precision (default: bf16/fp16 autocast on CUDA, bf16 on CPUs with "
                         "native bf16)")
@@ -87,30 +104,74 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phantom-patients", type=int, default=10, help="patients in the default phantom")
     parser.add_argument("--phantom-weeks", type=int, default=3, help="weeks per patient in the default phantom")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser.parse_args(argv)
+    return parser
+
+
+def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.explicit = sorted(explicit_flags(parser, argv))
+    return args
 
 
 # ----------------------------------------------------------------------------- distributed
 
-def setup_distributed() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size); initialises the process group when started by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world_size
+@dataclass
+class Context:
+    """Where this process trains and how it talks to the others."""
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def collective_device(self) -> torch.device:
+        """NCCL reduces only CUDA tensors, gloo only CPU ones."""
+        return self.device if self.distributed and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+def setup_distributed(device_name: str) -> Context:
+    """Under torchrun (WORLD_SIZE set) the process group is always made, even for one process, so
+    that a one-GPU run exercises every collective. NCCL only where this process trains on CUDA."""
+    if "WORLD_SIZE" not in os.environ:
+        return Context(resolve_device(device_name))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(device, dist.get_rank(), local_rank, dist.get_world_size(), True)
 
 
-def gather_lists(items: list) -> list:
-    if dist.is_available() and dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
+def all_reduce_sum(values: torch.Tensor, context: Context) -> torch.Tensor:
+    """Sum over ranks, on the backend's device; returns a CPU tensor."""
+    if not context.distributed:
+        return values
+    on_device = values.to(context.collective_device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.cpu()
+
+
+def agree_to_stop(requested: bool, context: Context) -> bool:
+    """True on every rank when any rank was asked to stop: all ranks then leave at the same step,
+    so none waits forever in a gradient all-reduce the others have left."""
+    if not context.distributed:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=context.collective_device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def gather_lists(items: list, context: Context) -> list:
+    if context.distributed:
+        gathered = [None] * context.world_size
         dist.all_gather_object(gathered, items)
         return [x for part in gathered for x in part]
     return items
@@ -137,23 +198,55 @@ def check_replicas_identical(model: torch.nn.Module) -> str:
     return f"DDP check: weights identical on {len(gathered)} ranks (parameter sum {total:.17g})"
 
 
-# ----------------------------------------------------------------------------- pieces
+# ----------------------------------------------------------------------------- settings
 
-def ensure_default_phantom(args: argparse.Namespace, is_main: bool) -> Path:
-    """The embedded default data: generated once into data/phantom/, reused afterwards."""
-    marker = DEFAULT_PHANTOM / "phantom.json"
-    wanted = {"patients": args.phantom_patients, "weeks": args.phantom_weeks, "seed": 0}
-    if is_main and (not marker.exists() or json.loads(marker.read_text()) != wanted):
-        import phantom
+def plain_config(args: argparse.Namespace) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "explicit"}
 
-        print(f"Generating the default phantom ({args.phantom_patients} patients x {args.phantom_weeks} weeks) "
-              f"into {DEFAULT_PHANTOM}/ ...", flush=True)
-        phantom.write_phantom(DEFAULT_PHANTOM, patients=args.phantom_patients, weeks=args.phantom_weeks, seed=0)
-        marker.write_text(json.dumps(wanted))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return DEFAULT_PHANTOM
 
+def restore_settings(args: argparse.Namespace, stored: dict) -> None:
+    """--resume: every setting comes back from the checkpoint. --epochs and --patience given again
+    extend the run; any other training flag given with a different value is an error naming it."""
+    explicit = set(getattr(args, "explicit", []))
+    for key, value in stored.items():
+        if key in OPERATIONAL_FLAGS and getattr(args, key, None) is not None:
+            continue
+        if key in EXTENDABLE_FLAGS and key in explicit:
+            continue
+        if key in explicit and _same(getattr(args, key), value) is False:
+            flag = "--" + key.replace("_", "-")
+            raise DataError(f"{args.out}: {flag} {_shown(getattr(args, key))} differs from the resumed run's "
+                            f"{_shown(value)}; a resumed run keeps its settings (only --epochs and --patience "
+                            "may change)")
+        setattr(args, key, value)
+
+
+def _same(a, b) -> bool:
+    normal = lambda v: [float(x) if isinstance(x, (int, float)) else x for x in v] if isinstance(v, (list, tuple)) else v
+    return normal(a) == normal(b)
+
+
+def _shown(value) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def learning_rate(epoch: int, total_epochs: int, base_lr: float) -> float:
+    """Cosine decay from ``base_lr`` at epoch 1 towards ``base_lr / 100``, a closed form of
+    (epoch, total epochs): a run resumed with more --epochs follows, from its next epoch on, the
+    schedule a fresh run of that length would have followed."""
+    minimum = base_lr * 0.01
+    progress = (epoch - 1) / max(total_epochs, 1)
+    return minimum + (base_lr - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    set_determinism(seed=seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- losses
 
 def make_loss(kind: str, class_weights: torch.Tensor) -> torch.nn.Module:
     """Class weights enter both terms: the cross-entropy's per-class weights and the Dice's
@@ -190,12 +283,13 @@ def deep_supervision_loss(loss_fn, kind, output, labels) -> tuple[torch.Tensor, 
     return total / weight_sum, logits
 
 
-def seed_everything(seed: int) -> None:
-    set_determinism(seed=seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def _float(output):
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    return output[0].float(), [a.float() for a in output[1]]
 
+
+# ----------------------------------------------------------------------------- run folder
 
 def write_metrics_row(path: Path, row: dict) -> None:
     new = not path.exists()
@@ -203,7 +297,7 @@ def write_metrics_row(path: Path, row: dict) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         if new:
             writer.writeheader()
-        writer.writerow(row)
+        writer.writerow({k: format_value(v) for k, v in row.items()})
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:
@@ -218,10 +312,6 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(r for r in rows if int(r["epoch"]) <= last_epoch)
-
-
-def plain_config(args: argparse.Namespace) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
 class StopRequest:
@@ -248,267 +338,360 @@ class StopRequest:
         return False
 
 
-# ----------------------------------------------------------------------------- epochs
+def ensure_default_phantom(args: argparse.Namespace, context: Context) -> Path:
+    """The embedded default data: generated once into data/phantom/, reused afterwards."""
+    marker = DEFAULT_PHANTOM / "phantom.json"
+    wanted = {"patients": args.phantom_patients, "weeks": args.phantom_weeks, "seed": 0}
+    if context.is_main and (not marker.exists() or json.loads(marker.read_text()) != wanted):
+        import phantom
 
-def train_one_epoch(model, loader, optimizer, scaler, loss_fn, args, device, amp_dtype, num_classes,
-                    stop: StopRequest, show_progress: bool, device_augmentation=None,
-                    generator: torch.Generator | None = None) -> tuple[float, np.ndarray, bool]:
-    """Returns (mean loss, per-class Dice on the training crops, completed)."""
-    model.train()
-    sums = torch.zeros(2 + 3 * num_classes, dtype=torch.float64)  # loss sum, steps, tp/fp/fn per class
-    progress = tqdm(loader, desc="train", leave=False, disable=not show_progress, dynamic_ncols=True)
-    for batch in progress:
-        images = batch["image"].to(device, non_blocking=True).as_tensor()
-        labels = batch["label"].to(device, non_blocking=True).as_tensor()
-        # Gradients freed before the forward pass, not after it: one model's worth less at the peak.
-        optimizer.zero_grad(set_to_none=True)
-        if device_augmentation is not None:
-            images, labels = device_augmentation(images, labels, generator)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            output = model(images)
-        # The loss in float32: softmax and Dice sums of tiny organs lose precision in bf16.
-        loss, logits = deep_supervision_loss(loss_fn, args.loss, _float(output), labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        with torch.no_grad():
-            sums[2:] += torch.from_numpy(overlap_counts(logits.argmax(1), labels[:, 0], num_classes).reshape(-1))
-        sums[0] += float(loss.detach())
-        sums[1] += 1
-        progress.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        if stop.requested:
-            return math.nan, np.full(num_classes, np.nan), False
-    all_reduce_sum(sums)
-    dice = dice_from_counts(sums[2:].numpy().reshape(num_classes, 3))
-    return float(sums[0] / max(sums[1], 1)), dice, True
+        print(f"Generating the default phantom ({args.phantom_patients} patients x {args.phantom_weeks} weeks) "
+              f"into {DEFAULT_PHANTOM}/ ...", flush=True)
+        phantom.write_phantom(DEFAULT_PHANTOM, patients=args.phantom_patients, weeks=args.phantom_weeks, seed=0)
+        marker.write_text(json.dumps(wanted))
+    if context.distributed:
+        dist.barrier()
+    return DEFAULT_PHANTOM
 
 
-def _float(output):
-    if isinstance(output, torch.Tensor):
-        return output.float()
-    return output[0].float(), [a.float() for a in output[1]]
+# ----------------------------------------------------------------------------- steps of a run
+
+@dataclass
+class Data:
+    split: dict
+    class_names: list
+    train_data: Dataset
+    val_cache: object
+    val_cases: list
+    class_weights: torch.Tensor
+    source_labels: dict = field(default_factory=dict)  # validation labels on their source grid, per index
 
 
-def validate(model, val_dataset, rank, world_size, roi_size, loss_fn, args, device, amp_dtype,
-             num_classes) -> tuple[float, np.ndarray]:
-    """Whole-volume sliding-window inference (predict.py's code) and 3D Dice per class and volume;
-    volumes are split over ranks and gathered. Returns (mean loss, mean Dice per class)."""
-    model.eval()
-    results = []
-    for index in range(rank, len(val_dataset), world_size):
-        item = val_dataset[index]
-        image, label = item["image"][None], item["label"][None].to(device).as_tensor()
-        probabilities = predict_probabilities(model, image, roi_size, args.overlap, False, amp_dtype)
-        probabilities = torch.as_tensor(probabilities)
-        with torch.no_grad():
-            # The loss on probabilities turned back into log-space logits: the same objective as training.
-            loss = compute_loss(loss_fn, args.loss, torch.log(probabilities.clamp_min(1e-8)), label)
-        dice = dice_per_class(probabilities.argmax(1).cpu(), label.cpu(), num_classes)
-        results.append((float(loss), dice.tolist()))
-    results = gather_lists(results)
-    losses = [r[0] for r in results]
-    dice = np.array([r[1] for r in results], dtype=float).reshape(-1, num_classes)
-    mean_dice = np.array([nan_mean(dice[:, c]) for c in range(num_classes)])
-    return float(np.mean(losses)) if losses else math.nan, mean_dice
+@dataclass
+class Model:
+    model: torch.nn.Module
+    network: torch.nn.Module  # the model, wrapped in DistributedDataParallel when distributed
+    model_args: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    amp_dtype: torch.dtype | None
+    compiled: bool
 
 
-# ----------------------------------------------------------------------------- main
+@dataclass
+class Progress:
+    start_epoch: int = 1
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    stopped_early: bool = False
+    interrupted: bool = False
 
-def main(args: argparse.Namespace) -> dict:
-    rank, local_rank, world_size = setup_distributed()
-    is_main = rank == 0
-    device = resolve_device(args.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+
+def setup_run(args: argparse.Namespace) -> tuple[Context, Path, dict | None]:
+    """Process group and device, the run folder, and on --resume the checkpoint's settings."""
+    context = setup_distributed(args.device)
     run_dir = Path(args.out)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if is_main and not args.resume and (last_path.exists() or best_path.exists()):
+    if context.is_main and not args.resume and (last_path.exists() or best_path.exists()):
         raise DataError(f"{run_dir}: already holds a run (last.pt/best.pt); pass --resume to continue it "
                         "or choose another --out")
     resume_state = load_checkpoint(last_path) if args.resume else None
     if resume_state is not None:
-        for key in ("spatial_size", "patch_size", "channels", "loss", "class_names", "deep_supervision"):
-            if key in resume_state["config"]:
-                setattr(args, key, resume_state["config"][key])
-    args.patch_size = list(args.patch_size or args.spatial_size)
-    if any(p > s for p, s in zip(args.patch_size, args.spatial_size)):
-        raise DataError(f"--patch-size {args.patch_size} is larger than --spatial-size {args.spatial_size}")
+        if "optimizer" not in resume_state:
+            raise DataError(f"{last_path}: holds weights only, not the state to resume a run")
+        restore_settings(args, resume_state["config"])
+    if args.batch_size > 1 and not args.patch_size:
+        raise DataError(f"{run_dir}: --batch-size {args.batch_size} needs --patch-size: whole volumes differ in size "
+                        "after resampling to one spacing, so only crops can be batched")
+    if (args.folds is None) != (args.fold is None):
+        raise DataError(f"{run_dir}: --folds and --fold go together")
+    return context, run_dir, resume_state
+
+
+def setup_data(args: argparse.Namespace, context: Context, run_dir: Path, resumed: bool) -> Data:
+    """Cases, the split (or fold), the target spacing, cached preprocessing and class weights."""
     class_names = list(args.class_names)
     num_classes = len(class_names)
-
-    data_root = Path(args.data_root) if args.data_root else ensure_default_phantom(args, is_main)
+    data_root = Path(args.data_root) if args.data_root else ensure_default_phantom(args, context)
     args.data_root = str(data_root)
     cases = find_cases(data_root)
-    if is_main:
+    if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if world_size > 1:
+    if context.distributed:
         dist.barrier()
-    split = load_or_make_split(cases, run_dir / "splits.json", args.seed) if is_main else None
-    split = gather_lists([split])[0] if world_size > 1 else split
+    split = (load_or_make_split(cases, run_dir / "splits.json", args.seed, args.folds, args.fold)
+             if context.is_main else None)
+    split = gather_lists([split], context)[0]
     train_cases, val_cases = cases_in(cases, split["train"]), cases_in(cases, split["val"])
     if not train_cases or not val_cases:
         raise DataError(f"{data_root}: the split leaves no training or no validation volumes")
+    if not resumed:
+        args.spacing, args.spacing_source = choose_spacing(train_cases, args.spacing, args.spatial_size)
 
-    amp_dtype = autocast_dtype(device, enabled=not args.no_amp)
-    compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    if is_main:
-        print_banner(args, device, amp_dtype, compile_model, world_size, split, len(train_cases), len(val_cases))
-        (run_dir / "config.json").write_text(json.dumps(plain_config(args), indent=2) + "\n")
-
-    seed_everything(args.seed)
+    show_progress = context.is_main and sys.stderr.isatty()
     cache_workers = min(args.workers, 4) if args.workers > 0 else 1
-    crops = list(args.patch_size) != list(args.spatial_size)
-    train_cache = cached_dataset(train_cases, args.spatial_size, num_classes, cache_workers, progress=is_main,
-                                 crop_indices=crops)
-    val_cache = cached_dataset(val_cases, args.spatial_size, num_classes, cache_workers, progress=is_main)
+    train_cache = cached_dataset(train_cases, args.spacing, num_classes, cache_workers, progress=show_progress,
+                                 crop_indices=args.patch_size is not None)
+    val_cache = cached_dataset(val_cases, args.spacing, num_classes, cache_workers, progress=show_progress)
+    if not resumed:
+        # Sliding windows for validation and prediction: the crop, or for whole-volume training the
+        # median training volume rounded up to the network's multiple of 16. Larger fields of view
+        # then only mean more windows.
+        shapes = np.array([item["image"].shape[1:] for item in train_cache._cache])
+        args.roi_size = list(args.patch_size) if args.patch_size else [
+            int(math.ceil(s / 16) * 16) for s in np.median(shapes, axis=0)]
     counts = class_voxel_counts(train_cache, num_classes)
     class_weights = torch.as_tensor(class_weights_from_counts(counts))
-    if is_main:
-        print("Class weights (training voxel counts): " + ", ".join(
-            f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
     # Crops centred on each foreground class equally often, background rarely: rare organs are seen.
     crop_ratios = [0.5] + [1.0] * (num_classes - 1)
-    on_device = args.augment == "device"
-    train_data = Dataset(train_cache, transform=augmentation(args.patch_size, num_classes, crop_ratios, on_device))
-    device_augmentation = DeviceAugmentation() if on_device else None
-    sampler = DistributedSampler(train_data, shuffle=True, seed=args.seed) if world_size > 1 else None
+    train_data = Dataset(train_cache, transform=augmentation(args.patch_size, num_classes, crop_ratios,
+                                                             spatial_on_device=args.augment == "device"))
+    if context.is_main:
+        print_banner(args, context, split, len(train_cases), len(val_cases))
+        print("Class weights (training voxel counts): " + ", ".join(
+            f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
+        (run_dir / "config.json").write_text(json.dumps(plain_config(args), indent=2) + "\n")
+    return Data(split, class_names, train_data, val_cache, val_cases, class_weights)
 
-    model_args = {"in_channels": 1, "out_channels": num_classes, "channels": list(args.channels),
+
+def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_state: dict | None,
+                progress: Progress) -> Model:
+    device = context.device
+    model_args = {"in_channels": 1, "out_channels": len(data.class_names), "channels": list(args.channels),
                   "dropout": args.dropout, "deep_supervision": args.deep_supervision,
                   "gradient_checkpointing": args.checkpointing}
+    seed_everything(args.seed)
     model = ImprovedUNet3D(**model_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1), eta_min=args.lr * 0.01)
+    amp_dtype = autocast_dtype(device, enabled=not args.no_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = make_loss(args.loss, class_weights.to(device))
-
-    start_epoch, best_metric, best_epoch, stale_epochs = 1, -math.inf, 0, 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scheduler.T_max = max(args.epochs, 1)  # resuming with more --epochs stretches the cosine, no restart
         scaler.load_state_dict(resume_state["scaler"])
         torch.set_rng_state(resume_state["rng"]["torch"])
-        start_epoch = int(resume_state["epoch"]) + 1
-        best_metric, best_epoch = float(resume_state["best_metric"]), int(resume_state["best_epoch"])
-        stale_epochs = int(resume_state["epochs_without_improvement"])
-        if is_main:
-            truncate_metrics(run_dir / "metrics.csv", start_epoch - 1)
-            print(f"Resuming {last_path} after epoch {start_epoch - 1} (best {best_metric:.4f} at epoch {best_epoch})")
-    if is_main:
+        progress.start_epoch = int(resume_state["epoch"]) + 1
+        progress.best_metric, progress.best_epoch = float(resume_state["best_metric"]), int(resume_state["best_epoch"])
+        progress.stale_epochs = int(resume_state["epochs_without_improvement"])
+        if context.is_main:
+            truncate_metrics(Path(args.out) / "metrics.csv", progress.start_epoch - 1)
+            print(f"Resuming {Path(args.out) / 'last.pt'} after epoch {progress.start_epoch - 1} "
+                  f"(best {progress.best_metric:.4f} at epoch {progress.best_epoch})")
+    if context.is_main:
         print(f"ImprovedUNet3D: {count_parameters(model):,} parameters")
-    network = model
-    if compile_model:
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if compiled:
         for block in model.blocks():
             block.compile()  # regional: each block compiled once, reused for every call of its kind
-    if world_size > 1:
+    network = model
+    if context.distributed:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = make_loss(args.loss, data.class_weights.to(device))
+    return Model(model, network, model_args, optimizer, scaler, loss_fn, amp_dtype, compiled)
 
-    def checkpoint_state(epoch: int) -> dict:
-        return {"model": model.state_dict(), "model_args": model_args, "config": plain_config(args),
-                "class_names": class_names, "split": split, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "best_metric": best_metric, "best_epoch": best_epoch,
-                "epochs_without_improvement": stale_epochs,
-                "class_weights": class_weights.tolist(), "rng": {"torch": torch.get_rng_state()}}
 
-    history_best = {"epoch": best_epoch, "mean_fg_dice": best_metric}
-    stopped_early = interrupted = False
+def train_one_epoch(args, context: Context, model: Model, loader, stop: StopRequest, num_classes: int,
+                    device_augmentation=None, generator: torch.Generator | None = None) -> tuple[float, np.ndarray, bool]:
+    """Returns (mean loss, per-class Dice on the training crops, completed)."""
+    device = context.device
+    model.network.train()
+    sums = torch.zeros(2 + 3 * num_classes, dtype=torch.float64)  # loss sum, steps, tp/fp/fn per class
+    show = context.is_main and sys.stderr.isatty()
+    for batch in tqdm(loader, desc="train", leave=False, disable=not show, dynamic_ncols=True):
+        if agree_to_stop(stop.requested, context):
+            return math.nan, np.full(num_classes, np.nan), False
+        images = batch["image"].to(device, non_blocking=True).as_tensor()
+        labels = batch["label"].to(device, non_blocking=True).as_tensor()
+        # Gradients freed before the forward pass, not after it: one model's worth less at the peak.
+        model.optimizer.zero_grad(set_to_none=True)
+        if device_augmentation is not None:
+            images, labels = device_augmentation(images, labels, generator)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=model.amp_dtype or torch.float32, enabled=model.amp_dtype is not None):
+            output = model.network(images)
+        # The loss in float32: softmax and Dice sums of tiny organs lose precision in bf16.
+        loss, logits = deep_supervision_loss(model.loss_fn, args.loss, _float(output), labels)
+        model.scaler.scale(loss).backward()
+        model.scaler.step(model.optimizer)
+        model.scaler.update()
+        with torch.no_grad():
+            sums[2:] += torch.from_numpy(overlap_counts(logits.argmax(1), labels[:, 0], num_classes).reshape(-1))
+        sums[0] += float(loss.detach())
+        sums[1] += 1
+    if agree_to_stop(stop.requested, context):
+        return math.nan, np.full(num_classes, np.nan), False
+    sums = all_reduce_sum(sums, context)
+    dice = dice_from_counts(sums[2:].numpy().reshape(num_classes, 3))
+    return float(sums[0] / max(sums[1], 1)), dice, True
+
+
+def validate(args, context: Context, model: Model, data: Data, final: bool = False) -> dict:
+    """Sliding-window inference on the validation volumes (split over ranks, gathered).
+
+    Dice is measured on each volume's source grid, the grid predict.py reports on, so the best
+    validation figure and the test figure mean the same thing; the loss is on the preprocessed
+    grid (the training objective). ``final`` also gathers the per-volume figures with and without
+    largest-component post-processing. Returns mean loss, mean Dice per class and the volumes."""
+    model.model.eval()
+    num_classes = len(data.class_names)
+    results = []
+    for index in range(context.rank, len(data.val_cache), context.world_size):
+        item = data.val_cache[index]
+        label = item["label"][None].to(context.device).as_tensor()
+        probabilities = predict_probabilities(model.model, item["image"][None], args.roi_size, args.overlap, False,
+                                              model.amp_dtype)
+        with torch.no_grad():
+            # The loss on probabilities turned back into log-space logits: the same objective as training.
+            loss = compute_loss(model.loss_fn, args.loss, torch.log(probabilities.clamp_min(1e-8)), label)
+        prediction = labels_from_probabilities(to_source_grid(probabilities[0].cpu(), item["image"]))
+        if index not in data.source_labels:
+            data.source_labels[index] = load_source(data.val_cases[index].label)[0].astype(np.uint8)
+        target = data.source_labels[index]
+        record = {"case": data.val_cases[index].case_id, "loss": float(loss),
+                  "dice": dice_per_class(prediction, target, num_classes).tolist()}
+        if final:
+            spacing = load_source(data.val_cases[index].image)[1].header.get_zooms()[:3]
+            record["figures"] = volume_figures(prediction, target, num_classes, spacing)
+        results.append(record)
+    results = gather_lists(results, context)
+    dice = np.array([r["dice"] for r in results], dtype=float).reshape(-1, num_classes)
+    return {"loss": float(np.mean([r["loss"] for r in results])) if results else math.nan,
+            "dice": np.array([nan_mean(dice[:, c]) for c in range(num_classes)]), "volumes": results}
+
+
+def checkpoint_state(args, data: Data, model: Model, progress: Progress, epoch: int) -> dict:
+    """last.pt: everything to resume. best.pt takes the weights-only subset (``weights_only_state``)."""
+    return {**weights_only_state(args, data, model, progress, epoch), "optimizer": model.optimizer.state_dict(),
+            "scaler": model.scaler.state_dict(), "epochs_without_improvement": progress.stale_epochs,
+            "rng": {"torch": torch.get_rng_state()}}
+
+
+def weights_only_state(args, data: Data, model: Model, progress: Progress, epoch: int) -> dict:
+    """What prediction and sharing need, a third of last.pt: the optimizer's moments are left out."""
+    return {"model": model.model.state_dict(), "model_args": model.model_args, "config": plain_config(args),
+            "class_names": data.class_names, "split": data.split, "epoch": epoch,
+            "best_metric": progress.best_metric, "best_epoch": progress.best_epoch,
+            "class_weights": data.class_weights.tolist()}
+
+
+def run_epochs(args, context: Context, data: Data, model: Model, progress: Progress) -> None:
+    run_dir = Path(args.out)
+    num_classes = len(data.class_names)
+    device_augmentation = DeviceAugmentation() if args.augment == "device" else None
+    sampler = (DistributedSampler(data.train_data, shuffle=True, seed=args.seed) if context.distributed else None)
     with StopRequest() as stop:
-        for epoch in range(start_epoch, args.epochs + 1):
+        for epoch in range(progress.start_epoch, args.epochs + 1):
             started = time.time()
+            lr = learning_rate(epoch, args.epochs, args.lr)
+            for group in model.optimizer.param_groups:
+                group["lr"] = lr
             # Seeded from (seed, epoch): a resumed run draws the same augmentations and order.
             # Each rank draws its own crops and augmentations.
-            epoch_seed = args.seed * 1000 + epoch + 7919 * rank
+            epoch_seed = args.seed * 1000 + epoch + 7919 * context.rank
             seed_everything(epoch_seed)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            generator = torch.Generator().manual_seed(epoch_seed)
-            loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                                num_workers=args.workers, generator=generator, drop_last=False,
-                                pin_memory=device.type == "cuda", persistent_workers=False)
+            loader = DataLoader(data.train_data, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                                num_workers=args.workers, generator=torch.Generator().manual_seed(epoch_seed),
+                                drop_last=False, pin_memory=context.device.type == "cuda", persistent_workers=False)
             try:
                 train_loss, train_dice, completed = train_one_epoch(
-                    network, loader, optimizer, scaler, loss_fn, args, device, amp_dtype, num_classes, stop,
-                    show_progress=is_main and sys.stderr.isatty(), device_augmentation=device_augmentation,
-                    generator=torch.Generator(device).manual_seed(epoch_seed))
+                    args, context, model, loader, stop, num_classes, device_augmentation,
+                    torch.Generator(context.device).manual_seed(epoch_seed))
             except torch.OutOfMemoryError:
-                raise SystemExit(f"error: out of GPU memory at --patch-size {args.patch_size}; reduce memory "
-                                 f"with {MEMORY_FLAGS}") from None
+                raise SystemExit(out_of_memory_message("training", args.patch_size)) from None
             if not completed:
-                interrupted = True
+                progress.interrupted = True
                 break
-            val_loss, val_dice = validate(model, val_cache, rank, world_size, args.patch_size, loss_fn, args,
-                                          device, amp_dtype, num_classes)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            try:
+                validation = validate(args, context, model, data)
+            except torch.OutOfMemoryError:
+                raise SystemExit(out_of_memory_message("validation", args.roi_size)) from None
+            val_dice = validation["dice"]
             mean_fg = nan_mean(val_dice[1:])
-            improved = mean_fg > best_metric
+            improved = mean_fg > progress.best_metric
             if improved:
-                best_metric, best_epoch, stale_epochs = mean_fg, epoch, 0
+                progress.best_metric, progress.best_epoch, progress.stale_epochs = mean_fg, epoch, 0
             else:
-                stale_epochs += 1
-            seconds = time.time() - started
-            if is_main:
-                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
-                row.update({f"dice_{n}": val_dice[c] for c, n in enumerate(class_names)})
-                row.update({"mean_fg_dice": mean_fg, "lr": lr, "seconds": seconds})
-                row.update({f"train_dice_{n}": train_dice[c] for c, n in enumerate(class_names)})
-                write_metrics_row(run_dir / "metrics.csv", {k: _fmt(v) for k, v in row.items()})
-                state = checkpoint_state(epoch)
-                save_checkpoint(state, last_path)
+                progress.stale_epochs += 1
+            if context.is_main:
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": validation["loss"]}
+                row.update({f"dice_{n}": val_dice[c] for c, n in enumerate(data.class_names)})
+                row.update({"mean_fg_dice": mean_fg, "lr": lr, "seconds": time.time() - started})
+                row.update({f"train_dice_{n}": train_dice[c] for c, n in enumerate(data.class_names)})
+                write_metrics_row(run_dir / "metrics.csv", row)
+                save_checkpoint(checkpoint_state(args, data, model, progress, epoch), run_dir / "last.pt")
                 if improved:
-                    save_checkpoint(state, best_path)
+                    save_checkpoint(weights_only_state(args, data, model, progress, epoch), run_dir / "best.pt")
                 from figures import save_training_curves
-                save_training_curves(run_dir / "metrics.csv", class_names, run_dir / "training_curves.png")
-                print(f"epoch {epoch:3d}/{args.epochs}  loss {train_loss:.4f}/{val_loss:.4f}  dice "
-                      + " ".join(f"{n[:4]} {d:.3f}" for n, d in zip(class_names[1:], val_dice[1:]))
-                      + f"  fg {mean_fg:.4f}  lr {lr:.2e}  {seconds:.1f}s" + ("  best" if improved else ""),
+                save_training_curves(run_dir / "metrics.csv", data.class_names, run_dir / "training_curves.png")
+                print(f"epoch {epoch:3d}/{args.epochs}  loss {train_loss:.4f}/{validation['loss']:.4f}  dice "
+                      + " ".join(f"{n[:4]} {d:.3f}" for n, d in zip(data.class_names[1:], val_dice[1:]))
+                      + f"  fg {mean_fg:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s" + ("  best" if improved else ""),
                       flush=True)
-            history_best = {"epoch": best_epoch, "mean_fg_dice": best_metric}
-            if stale_epochs >= args.patience:
-                stopped_early = True
-                if is_main:
+            if progress.stale_epochs >= args.patience:
+                progress.stopped_early = True
+                if context.is_main:
                     print(f"Early stopping: no better validation Dice for {args.patience} epochs.")
                 break
-            if stop.requested:
-                interrupted = True
+            if agree_to_stop(stop.requested, context):
+                progress.interrupted = True
                 break
-    if is_main:
-        if interrupted:
-            print(f"Interrupted. {last_path} holds the last completed epoch; continue with --resume.")
+
+
+def finish(args, context: Context, data: Data, model: Model, progress: Progress) -> None:
+    """Decide post-processing on the validation patients with the best weights, report, and check
+    that all ranks ended with the same weights."""
+    run_dir = Path(args.out)
+    if not progress.interrupted and (run_dir / "best.pt").exists():
+        if context.distributed:
+            dist.barrier()  # rank 0 wrote best.pt
+        model.model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+        validation = validate(args, context, model, data, final=True)
+        if context.is_main:
+            decision = decide_postprocessing([v["figures"] for v in validation["volumes"]], data.class_names)
+            decision["volumes"] = [{"case": v["case"], **v["figures"]} for v in validation["volumes"]]
+            (run_dir / "postprocessing.json").write_text(json.dumps(decision, indent=2, allow_nan=True) + "\n")
+            kept = ", ".join(decision["largest_component"]) or "none"
+            print(f"Post-processing decided on {len(validation['volumes'])} validation volume(s): largest connected "
+                  f"component kept for {kept} ({run_dir / 'postprocessing.json'})")
+    if context.is_main:
+        if progress.interrupted:
+            print(f"Interrupted. {run_dir / 'last.pt'} holds the last completed epoch; continue with --resume.")
         else:
-            print(f"Done{' (early stop)' if stopped_early else ''}. Best validation mean foreground Dice "
-                  f"{best_metric:.4f} at epoch {best_epoch}: {best_path}")
-    if world_size > 1:
-        message = check_replicas_identical(model)
-        if is_main:
+            print(f"Done{' (early stop)' if progress.stopped_early else ''}. Best validation mean foreground Dice "
+                  f"{progress.best_metric:.4f} at epoch {progress.best_epoch}: {run_dir / 'best.pt'}")
+    if context.distributed:
+        message = check_replicas_identical(model.model)
+        if context.is_main:
             print(message, flush=True)
         dist.barrier()
         dist.destroy_process_group()
-    return history_best
 
 
-def _fmt(value):
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return value
+def main(args: argparse.Namespace) -> dict:
+    context, run_dir, resume_state = setup_run(args)
+    data = setup_data(args, context, run_dir, resumed=resume_state is not None)
+    progress = Progress()
+    model = setup_model(args, context, data, resume_state, progress)
+    run_epochs(args, context, data, model, progress)
+    finish(args, context, data, model, progress)
+    return {"epoch": progress.best_epoch, "mean_fg_dice": progress.best_metric}
 
 
-def print_banner(args, device, amp_dtype, compile_model, world_size, split, n_train, n_val) -> None:
+def print_banner(args, context: Context, split, n_train, n_val) -> None:
+    amp_dtype = autocast_dtype(context.device, enabled=not args.no_amp)
     print("=" * 72)
     print("3D Improved UNet training")
     for key, value in plain_config(args).items():
         print(f"  {key:<18} {value}")
-    print(f"  {'device':<18} {device} x {world_size} process(es)")
+    print(f"  {'device':<18} {context.device} x {context.world_size} process(es)")
     print(f"  {'precision':<18} {amp_dtype if amp_dtype else 'float32'}")
-    print(f"  {'compiled':<18} {compile_model}")
     print(f"  {'patients':<18} train {len(split['train'])} ({n_train} volumes), val {len(split['val'])} "
           f"({n_val} volumes), test {len(split['test'])}")
     print("=" * 72, flush=True)

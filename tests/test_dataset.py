@@ -14,6 +14,13 @@ import dataset
 from dataset import (DataError, augmentation, class_weights_from_counts, find_cases, load_or_make_split,
                      preprocessing, split_patients)
 
+NATIVE_SPACING = (1.7, 1.7, 1.56)  # conftest's AFFINE: preprocessing at this spacing keeps the array
+
+
+def spacing_for(size, shape=(24, 20, 16)):
+    """The spacing that turns conftest's volume (``shape`` at NATIVE_SPACING) into ``size`` voxels."""
+    return tuple(d * n / m for d, n, m in zip(NATIVE_SPACING, shape, size))
+
 
 def names(cases):
     return [(Path(c.image).name, Path(c.label).name if c.label else None) for c in cases]
@@ -88,7 +95,9 @@ def test_files_that_are_not_hipmri_are_ignored(tmp_path, hipmri):
 
 # ----------------------------------------------------------------------------- loading
 
-def test_odd_shape_and_4d_singleton_load_to_the_common_size(tmp_path, hipmri):
+def test_odd_shape_and_4d_singleton_keep_their_physical_size(tmp_path, hipmri):
+    """Volumes keep their own field of view: 18 slices at the same spacing (like Case_019_Week1's
+    144 slices) give more slices, not the same number squashed."""
     hipmri.write_case(tmp_path, 4, 0)
     hipmri.write_case(tmp_path, 5, 0, shape=(26, 20, 18))  # like Case_019_Week1's 144 slices
     image, label = hipmri.synthetic_case(hipmri.SHAPE, seed=7)
@@ -96,11 +105,12 @@ def test_odd_shape_and_4d_singleton_load_to_the_common_size(tmp_path, hipmri):
     image_path, _ = hipmri.case_paths(tmp_path, 6, 0)
     import nibabel as nib
     assert nib.load(str(image_path)).shape == (*hipmri.SHAPE, 1)  # really stored 4D
-    transform = preprocessing((16, 12, 8))
+    transform = preprocessing((3.4, 3.4, 3.12))  # half resolution
+    expected = {"Case_004_Week0": (1, 12, 10, 8), "Case_005_Week0": (1, 13, 10, 9), "Case_006_Week0": (1, 12, 10, 8)}
     for case in find_cases(tmp_path):
         item = transform(case.as_dict())
-        assert item["image"].shape == (1, 16, 12, 8), case.case_id
-        assert item["label"].shape == (1, 16, 12, 8), case.case_id
+        assert item["image"].shape == expected[case.case_id], case.case_id
+        assert item["label"].shape == expected[case.case_id], case.case_id
         assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.float32
         assert torch.isfinite(item["image"]).all()
         assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
@@ -111,7 +121,7 @@ def test_float_labels_load(tmp_path, hipmri):
     hipmri.write_case(tmp_path, 4, 0, label_dtype=np.float32)
     hipmri.write_case(tmp_path, 5, 0, label_dtype=np.float64)
     for case in find_cases(tmp_path):
-        item = preprocessing((24, 20, 16))(case.as_dict())
+        item = preprocessing(NATIVE_SPACING)(case.as_dict())
         _, original = hipmri.synthetic_case(hipmri.SHAPE, int(case.patient) * 100)
         # same size, so nearest resizing is the identity and the values survive exactly
         np.testing.assert_array_equal(item["label"][0].numpy(), original.astype(np.float32))
@@ -121,7 +131,7 @@ def test_lps_volume_keeps_its_array_order(tmp_path, hipmri):
     """Orientation LPS is HipMRI's own: preprocessing must not flip the stored array."""
     image_path, _ = hipmri.write_case(tmp_path, 4, 0)
     case = find_cases(tmp_path)[0]
-    item = preprocessing(hipmri.SHAPE)(case.as_dict())
+    item = preprocessing(NATIVE_SPACING)(case.as_dict())
     _, label = hipmri.synthetic_case(hipmri.SHAPE, 400)
     np.testing.assert_array_equal(item["label"][0].numpy(), label)
 
@@ -134,7 +144,7 @@ def test_resized_labels_keep_their_classes(tmp_path, hipmri, size):
     label[label == 3] = 1  # no bladder: a linear resize would invent it between body and prostate
     label[label == 2] = 5
     hipmri.write_case(tmp_path, 4, 0, image=image, label=label)
-    item = preprocessing(size)(find_cases(tmp_path)[0].as_dict())
+    item = preprocessing(spacing_for(size))(find_cases(tmp_path)[0].as_dict())
     values = item["label"].as_tensor()
     assert values.shape == (1, *size)
     assert torch.equal(values, values.round())
@@ -146,7 +156,7 @@ def test_augmentation_keeps_patch_shape_and_label_values(tmp_path, hipmri):
     image, label = hipmri.synthetic_case(hipmri.SHAPE, seed=5)
     label[label == 3] = 1
     hipmri.write_case(tmp_path, 4, 0, image=image, label=label)
-    item = preprocessing((24, 20, 16))(find_cases(tmp_path)[0].as_dict())
+    item = preprocessing(NATIVE_SPACING)(find_cases(tmp_path)[0].as_dict())
     allowed = set(item["label"].unique().tolist())
     assert 3.0 not in allowed
     transform = augmentation((16, 16, 8))
@@ -173,7 +183,7 @@ def test_device_augmentation_keeps_shape_and_label_values(tmp_path, hipmri):
     image, label = hipmri.synthetic_case(hipmri.SHAPE, seed=6)
     label[label == 3] = 1
     hipmri.write_case(tmp_path, 4, 0, image=image, label=label)
-    item = preprocessing((16, 16, 8))(find_cases(tmp_path)[0].as_dict())
+    item = preprocessing(spacing_for((16, 16, 8)))(find_cases(tmp_path)[0].as_dict())
     images = torch.stack([item["image"].as_tensor()] * 2)
     labels = torch.stack([item["label"].as_tensor()] * 2)
     allowed = set(labels.unique().tolist())

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -31,8 +32,11 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
 import phantom  # noqa: E402
+import inference  # noqa: E402
+import metrics  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
+from cli import run_cli  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from dataset import CLASS_NAMES, cases_in, find_cases, preprocessing  # noqa: E402
 
@@ -106,7 +110,7 @@ def test_ddp_rank_zero_alone_writes_the_run_folder(ddp_run):
 
 def test_ddp_validation_gathers_every_volume_from_both_ranks(ddp_run):
     """metrics.csv's validation Dice (volumes split over two ranks, gathered) must equal the Dice a
-    single process computes from last.pt over all validation volumes."""
+    single process computes from last.pt over all validation volumes, on their source grids."""
     assert ddp_run["result"].returncode == 0, explain(ddp_run["result"])
     run_dir = ddp_run["run"]
     state = load_checkpoint(run_dir / "last.pt")
@@ -114,21 +118,23 @@ def test_ddp_validation_gathers_every_volume_from_both_ranks(ddp_run):
     config = state["config"]
     val_cases = cases_in(find_cases(ddp_run["data"]), state["split"]["val"])
     assert len(val_cases) == 2  # one per rank
-    transform = preprocessing(config["spatial_size"], NUM_CLASSES)
+    transform = preprocessing(config["spacing"], NUM_CLASSES)
     per_volume = []
     for case in val_cases:
         item = transform(case.as_dict())
         # The precision training validated with (bf16 on CPUs with native bf16, as in train.py).
-        amp_dtype = predict.autocast_dtype(torch.device("cpu"), enabled=not config["no_amp"])
-        probabilities = predict.predict_probabilities(model, item["image"][None], config["patch_size"],
-                                                      config["overlap"], amp_dtype=amp_dtype)
-        per_volume.append(predict.dice_per_class(probabilities.argmax(1), item["label"][None], NUM_CLASSES))
+        amp_dtype = inference.autocast_dtype(torch.device("cpu"), enabled=not config["no_amp"])
+        probabilities = inference.predict_probabilities(model, item["image"][None], config["roi_size"],
+                                                        config["overlap"], amp_dtype=amp_dtype)
+        labels = inference.labels_from_probabilities(inference.to_source_grid(probabilities[0], item["image"]))
+        target = np.asanyarray(nib.load(case.label).dataobj)
+        per_volume.append(metrics.dice_per_class(labels, target, NUM_CLASSES))
     per_volume = np.array(per_volume)
     assert per_volume[0, 0] != pytest.approx(per_volume[1, 0], abs=1e-4), \
         "both validation volumes score alike: the check below could not tell one from two"
     row = metrics_rows(run_dir / "metrics.csv")[0]
     for c, name in enumerate(CLASS_NAMES):
-        expected = predict.nan_mean(per_volume[:, c])
+        expected = metrics.nan_mean(per_volume[:, c])
         written = float(row[f"dice_{name}"])
         if np.isnan(expected):
             assert np.isnan(written), name
@@ -139,7 +145,7 @@ def test_ddp_validation_gathers_every_volume_from_both_ranks(ddp_run):
 def test_ddp_checkpoint_serves_single_process_prediction(ddp_run, tmp_path, capsys):
     assert ddp_run["result"].returncode == 0, explain(ddp_run["result"])
     out = tmp_path / "predictions"
-    code = predict.run_cli(predict.main, predict.get_args([
+    code = run_cli(predict.main, predict.get_args([
         "--checkpoint", str(ddp_run["run"] / "best.pt"), "--data-root", str(ddp_run["data"]), "--split", "test",
         "--out", str(out), "--device", "cpu", "--no-figures", "--no-hd95"]))
     captured = capsys.readouterr()
@@ -164,7 +170,7 @@ def test_single_process_resume_continues_a_ddp_run(ddp_run, tmp_path, capsys, mo
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     capsys.readouterr()
-    code = train.run_cli(train.main, train.get_args([
+    code = run_cli(train.main, train.get_args([
         "--data-root", str(ddp_run["data"]), "--out", str(run_dir), "--resume", "--epochs", "2", "--workers", "0",
         "--device", "cpu"]))
     stdout, stderr = capsys.readouterr()
@@ -178,8 +184,13 @@ def test_single_process_resume_continues_a_ddp_run(ddp_run, tmp_path, capsys, mo
     assert after["epoch"] == 2
     assert after["model_args"] == before["model_args"]
     assert after["config"]["spatial_size"] == [16, 16, 16] and after["config"]["channels"] == [4, 8, 8, 8]
-    changed = [k for k in before["model"] if not torch.equal(before["model"][k], after["model"][k])]
-    assert changed, "a resumed epoch of training left every weight unchanged"
+    assert after["config"]["spacing"] == before["config"]["spacing"]
+    # Adam's state came back and went on: the step count holds the DDP epoch's 3 steps per rank plus
+    # the resumed epoch's 6 single-process steps (a fresh optimizer would count 6).
+    steps = lambda state: {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps(before) == {3} and steps(after) == {3 + 6}
+    # and epoch 2 used epoch 2's learning rate of a 2-epoch schedule
+    assert float(rows[1]["lr"]) == pytest.approx(train.learning_rate(2, 2, 1e-3), rel=1e-5)
 
 
 REPLICA_SCRIPT = textwrap.dedent("""
@@ -225,3 +236,53 @@ def test_replica_check_fails_on_every_rank_when_weights_differ(tmp_path):
         assert code == 0, f"rank {rank}: exit {code}\n{stdout}\n{stderr[-3000:]}"
         assert "same: DDP check: weights identical on 2 ranks" in stdout, stdout
         assert "perturbed: raised DDP check: weights differ between ranks" in stdout, stdout
+
+
+def test_torchrun_with_one_process_uses_the_process_group(tmp_path):
+    """Under torchrun the process group is made even for one process, so that a one-GPU run goes
+    through every collective (the per-epoch sums, the stop agreement, the replica check)."""
+    data = tmp_path / "data"
+    phantom.write_phantom(data, patients=5, weeks=1, shape=(20, 18, 12), seed=0)
+    result = run(["-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", "train.py",
+                  "--data-root", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY])
+    assert result.returncode == 0, explain(result)
+    assert "DDP check: weights identical on 1 ranks" in result.stdout, explain(result)
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step_and_resume_continues(ddp_run, tmp_path):
+    """SIGTERM goes to the launcher, which passes it on to both ranks; they agree to stop at the
+    same step (no rank left waiting in a gradient all-reduce), exit cleanly well within torchrun's
+    grace period, keep an intact last.pt, and --resume continues the run."""
+    assert ddp_run["result"].returncode == 0, explain(ddp_run["result"])
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "train.py",
+               "--data-root", str(ddp_run["data"]), "--out", str(run_dir), "--epochs", "30", *TINY]
+    process = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while time.time() < deadline and process.poll() is None and not (run_dir / "last.pt").exists():
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.5)  # into the next epoch's steps
+        process.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler or Ctrl-C would
+        stopped_at = time.time()
+        stdout, stderr = process.communicate(timeout=60)
+        seconds = time.time() - stopped_at
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert seconds < 60
+    assert "Interrupted" in stdout, stdout[-3000:] + stderr[-3000:]
+    # Both ranks reached the end together: the replica check is a collective every rank must join.
+    assert "DDP check: weights identical on 2 ranks" in stdout, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stderr.split("SIGTERM")[0]
+    state = load_checkpoint(run_dir / "last.pt")  # intact: loads with weights_only=True
+    done = int(state["epoch"])
+    assert done >= 1 and [r["epoch"] for r in metrics_rows(run_dir / "metrics.csv")] == [str(e) for e in range(1, done + 1)]
+    resumed = run(["train.py", "--data-root", str(ddp_run["data"]), "--out", str(run_dir), "--resume",
+                   "--epochs", str(done + 1), "--workers", "0", "--device", "cpu"])
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"after epoch {done}" in resumed.stdout
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == done + 1

@@ -30,7 +30,9 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
 import phantom  # noqa: E402
 from dataset import CLASS_NAMES, find_cases, preprocessing  # noqa: E402
 import predict  # noqa: E402
-from predict import dice_per_class, hd95_per_class, summarise, to_source_grid, write_prediction  # noqa: E402
+from inference import labels_from_probabilities, to_source_grid, write_prediction  # noqa: E402
+from metrics import dice_per_class, hd95_per_class, misses_per_class, summarise  # noqa: E402
+from cli import run_cli  # noqa: E402
 
 NUM_CLASSES = len(CLASS_NAMES)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -93,7 +95,7 @@ def run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
 def predict_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
     """predict.py's CLI without the interpreter start: (exit code, stdout, stderr)."""
     capsys.readouterr()
-    code = predict.run_cli(predict.main, predict.get_args(argv))
+    code = run_cli(predict.main, predict.get_args(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -211,9 +213,11 @@ def test_summarise_skips_nan_and_leaves_background_out_of_foreground_mean():
     hd95 = np.array([[1.0, 2.0, np.nan, np.nan],
                      [3.0, 4.0, 6.0, np.nan],
                      [5.0, np.nan, np.nan, np.nan]])
-    summary = summarise(dice, hd95, names, "runs/x/best.pt")
+    misses = np.array([[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    summary = summarise(dice, hd95, misses, names, "runs/x/best.pt")
     assert set(summary) == {"per_class_dice", "per_class_dice_std", "mean_foreground_dice", "per_class_hd95",
-                            "n_cases", "checkpoint"}
+                            "per_class_hd95_std", "per_class_misses", "n_cases", "checkpoint", "postprocessing"}
+    assert summary["per_class_misses"] == {"background": 0, "body": 1, "bone": 1, "bladder": 0}
     assert summary["per_class_dice"]["background"] == pytest.approx(0.7)
     assert summary["per_class_dice"]["body"] == pytest.approx(0.7)  # NaN left out, not counted as 0 or 1
     assert summary["per_class_dice"]["bone"] == pytest.approx(0.3)
@@ -230,8 +234,22 @@ def test_summarise_skips_nan_and_leaves_background_out_of_foreground_mean():
     json.dumps(summary, allow_nan=False)  # plain JSON: no NaN leaks into summary.json
 
 
+def test_misses_count_organs_missed_or_invented_by_hand():
+    target = np.zeros((6, 6, 6), dtype=np.uint8)
+    target[1:3, 1:3, 1:3] = 1  # body present in both
+    target[4, 4, 4] = 2  # bone in the truth only: missed
+    prediction = np.zeros_like(target)
+    prediction[1:3, 1:3, 1:4] = 1
+    prediction[0, 5, 5] = 3  # bladder predicted where there is none
+    assert misses_per_class(prediction, target, 5).tolist() == [0, 0, 1, 1, 0]
+    # and HD95 cannot score either of them, which is why they are counted
+    hd95 = hd95_per_class(prediction, target, 5, (1.0, 1.0, 1.0))
+    assert np.isnan(hd95[2]) and np.isnan(hd95[3]) and np.isfinite(hd95[1])
+
+
 def test_summarise_with_no_foreground_gives_none():
-    summary = summarise(np.array([[0.9, np.nan]]), np.array([[1.0, np.nan]]), ["background", "body"], "c.pt")
+    summary = summarise(np.array([[0.9, np.nan]]), np.array([[1.0, np.nan]]), np.zeros((1, 2)), ["background", "body"],
+                        "c.pt")
     assert summary["mean_foreground_dice"] is None
     assert summary["per_class_dice"]["background"] == pytest.approx(0.9)
 
@@ -259,30 +277,59 @@ def one_hot(label: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(label.long(), NUM_CLASSES).permute(3, 0, 1, 2).float()
 
 
-def test_preprocessed_label_at_lps_shape_is_nibabel_lps_reorientation_and_inverts_exactly(non_ras_case):
+def lps_spacing(affine: np.ndarray) -> tuple[float, ...]:
+    """The source's voxel size in LPS axis order, by hand from the test's own affine."""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = [0.0, 0.0, 0.0]
+    for axis in range(3):
+        spacing[int(np.argmax(np.abs(affine[:3, axis])))] = float(zooms[axis])  # x, y, z world rows
+    return tuple(spacing)
+
+
+def test_preprocessed_label_at_own_spacing_is_nibabel_lps_reorientation_and_inverts_exactly(non_ras_case):
     lps_label = to_lps(non_ras_case["label_array"], non_ras_case["affine"])
     assert not np.array_equal(lps_label, non_ras_case["label_array"])  # reorienting is not a no-op
-    transform = preprocessing(lps_label.shape, NUM_CLASSES)
+    transform = preprocessing(lps_spacing(non_ras_case["affine"]), NUM_CLASSES)
     item = transform({"image": non_ras_case["image"], "label": non_ras_case["label"]})
     preprocessed = item["label"].as_tensor()[0]
-    np.testing.assert_array_equal(preprocessed.numpy(), lps_label)  # LPS, no resampling at equal size
-    back = to_source_grid(one_hot(preprocessed), item["image"])
+    np.testing.assert_array_equal(preprocessed.numpy(), lps_label)  # LPS, no resampling at its own spacing
+    back = labels_from_probabilities(to_source_grid(one_hot(preprocessed), item["image"]))
     assert back.shape == SOURCE_SHAPE
-    np.testing.assert_array_equal(back, non_ras_case["label_array"])
+    np.testing.assert_array_equal(back, non_ras_case["label_array"])  # Dice 1.0 for every class
 
 
-def test_resized_label_returns_to_source_grid_almost_exactly(non_ras_case):
+def test_finer_spacing_returns_to_source_grid_almost_exactly(non_ras_case):
+    spacing = lps_spacing(non_ras_case["affine"])
     lps_shape = to_lps(non_ras_case["label_array"], non_ras_case["affine"]).shape
-    spatial_size = tuple(int(round(1.5 * n)) for n in lps_shape)  # resized up, then back down
-    transform = preprocessing(spatial_size, NUM_CLASSES)
+    transform = preprocessing([s / 1.5 for s in spacing], NUM_CLASSES)  # resampled up, then back down
     item = transform({"image": non_ras_case["image"], "label": non_ras_case["label"]})
-    assert tuple(item["image"].shape[1:]) == spatial_size
-    back = to_source_grid(one_hot(item["label"].as_tensor()[0]), item["image"])
+    assert tuple(item["image"].shape[1:]) == tuple(int(round(1.5 * n)) for n in lps_shape)
+    back = labels_from_probabilities(to_source_grid(one_hot(item["label"].as_tensor()[0]), item["image"]))
     assert back.shape == SOURCE_SHAPE
     agreement = float((back == non_ras_case["label_array"]).mean())
     assert agreement > 0.99, f"only {agreement:.4f} of voxels agree after the round trip"
     for c in range(NUM_CLASSES):  # every class survives, in the right place
         assert dice_per_class(back, non_ras_case["label_array"], NUM_CLASSES)[c] > 0.95
+
+
+def test_twice_coarser_spacing_returns_within_a_one_voxel_border(non_ras_case):
+    """At 2x coarser voxels the round trip can only be exact away from organ borders: every voxel
+    that differs must lie within one source voxel of a border in the original labels."""
+    label = non_ras_case["label_array"]
+    spacing = lps_spacing(non_ras_case["affine"])
+    item = preprocessing([2 * s for s in spacing], NUM_CLASSES)({"image": non_ras_case["image"],
+                                                                   "label": non_ras_case["label"]})
+    back = labels_from_probabilities(to_source_grid(one_hot(item["label"].as_tensor()[0]), item["image"]))
+    assert back.shape == SOURCE_SHAPE
+    padded = np.pad(label, 1, mode="edge")
+    near_border = np.zeros(label.shape, dtype=bool)
+    for shift in np.ndindex(3, 3, 3):  # a voxel is near a border if any of its 26 neighbours differs
+        window = padded[shift[0]:shift[0] + label.shape[0], shift[1]:shift[1] + label.shape[1],
+                        shift[2]:shift[2] + label.shape[2]]
+        near_border |= window != label
+    wrong = back != label
+    assert wrong.any()  # 2x coarser is not lossless on these small blocks
+    assert not (wrong & ~near_border).any(), f"{int((wrong & ~near_border).sum())} voxels wrong away from borders"
 
 
 def test_write_prediction_keeps_source_geometry_codes_and_writes_uint8(non_ras_case, tmp_path):
@@ -349,13 +396,20 @@ def test_train_writes_run_folder_and_a_complete_checkpoint(trained):
     assert math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
 
     state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    for key in ("model", "model_args", "config", "optimizer", "scaler", "epoch", "best_metric",
-                "epochs_without_improvement", "rng"):
+    for key in ("model", "model_args", "config", "class_names", "split", "epoch", "best_metric"):
         assert key in state, f"best.pt lacks {key}"
+    # best.pt is what users keep and share: weights and settings, not the optimizer's moments
+    assert not {"optimizer", "scaler", "rng"} & set(state)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scaler", "epoch", "epochs_without_improvement", "rng"):
+        assert key in last, f"last.pt lacks {key}"
+    assert (run_dir / "best.pt").stat().st_size < 0.5 * (run_dir / "last.pt").stat().st_size
+    assert state["config"]["spacing"] == last["config"]["spacing"] and len(state["config"]["spacing"]) == 3
+    assert "median training field of view" in state["config"]["spacing_source"]
     assert state["model_args"]["channels"] == [4, 8, 8, 8]
     assert state["model_args"]["out_channels"] == NUM_CLASSES
     assert state["config"]["spatial_size"] == [16, 16, 16]
-    assert state["epoch"] == 1 and state["epochs_without_improvement"] == 0
+    assert state["epoch"] == 1 and last["epochs_without_improvement"] == 0
     assert state["best_metric"] == pytest.approx(float(rows[0]["mean_fg_dice"]), rel=1e-4, abs=1e-6)
     assert state["split"] == split
     assert not list(run_dir.glob(".*tmp*")), "temporary checkpoint files left behind"
@@ -372,9 +426,12 @@ def test_predict_cli_writes_predictions_metrics_summary_and_figures(predicted):
         assert prediction.get_data_dtype() == np.uint8
         labels = np.asanyarray(prediction.dataobj)
         assert labels.max() < NUM_CLASSES
-        # metrics.csv is computed from exactly the labels written to disk
+        # metrics.csv is computed from exactly the labels written to disk: Dice by hand in numpy
         target = np.asanyarray(nib.load(case.label).dataobj)
-        expected = dice_per_class(labels, target, NUM_CLASSES)
+        expected = []
+        for c in range(NUM_CLASSES):
+            both, total = np.sum((labels == c) & (target == c)), np.sum(labels == c) + np.sum(target == c)
+            expected.append(2.0 * both / total if total else math.nan)
         voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000
         rows = {r["class"]: r for r in metric_rows if r["case"] == case.case_id}
         assert list(rows) == list(CLASS_NAMES)
@@ -386,11 +443,11 @@ def test_predict_cli_writes_predictions_metrics_summary_and_figures(predicted):
         assert_png(out / "figures" / f"{case.case_id}_best_slices.png")
         assert_png(out / "figures" / f"{case.case_id}_overview.png")
     header, _ = read_csv(out / "metrics.csv")
-    assert header == ["case", "class", "dice", "hd95", "gt_volume_ml", "pred_volume_ml"]
+    assert header == ["case", "class", "dice", "hd95", "missed", "gt_volume_ml", "pred_volume_ml", "postprocessing"]
     assert len(metric_rows) == len(cases) * NUM_CLASSES
     summary = json.loads((out / "summary.json").read_text())
-    assert {"per_class_dice", "per_class_dice_std", "mean_foreground_dice", "per_class_hd95", "n_cases",
-            "checkpoint"} <= set(summary)
+    assert {"per_class_dice", "per_class_dice_std", "mean_foreground_dice", "per_class_hd95", "per_class_misses",
+            "n_cases", "checkpoint", "postprocessing"} <= set(summary)
     assert summary["n_cases"] == len(cases)
     assert set(summary["per_class_dice"]) == set(CLASS_NAMES)
     assert_png(out / "figures" / "dice_boxplot.png")
@@ -454,3 +511,63 @@ def test_predict_refuses_an_out_folder_inside_the_data_root(trained, capsys):
         assert len(error_lines) == 1 and error_lines[0].startswith("error:") and "inside the input folder" in stderr
         assert not (trained["data"] / "predictions").exists()
         assert not list((trained["data"] / "semantic_MRs_anon").glob("*_pred.nii.gz"))
+
+
+def test_predict_cli_dice_on_a_hand_made_label_is_the_known_answer(trained, predicted, tmp_path, capsys):
+    """A label made from the written prediction by moving half of its largest class's voxels (P) to
+    another class j: the prediction is the same again, so the largest class must score
+    2 (P/2) / (P + P/2) = 2/3 exactly, class j 2 Pj / (2 Pj + P/2), every other predicted class 1.0
+    and a class in neither NaN."""
+    case = predicted["cases"][0]
+    prediction = nib.load(predicted["out"] / f"{case.case_id}_pred.nii.gz")
+    labels = np.asanyarray(prediction.dataobj).copy()
+    counts = np.bincount(labels.reshape(-1), minlength=NUM_CLASSES)
+    largest = int(np.argmax(counts))
+    other = (largest + 1) % NUM_CLASSES
+    voxels = np.flatnonzero(labels.reshape(-1) == largest)
+    moved = voxels[::2]
+    label = labels.reshape(-1).copy()
+    label[moved] = other
+    root = tmp_path / "handmade"
+    image_path = root / "semantic_MRs_anon" / "Case_099_Week0_LFOV.nii.gz"
+    label_path = root / "semantic_labels_anon" / "Case_099_Week0_SEMANTIC_LFOV.nii.gz"
+    image_path.parent.mkdir(parents=True)
+    image_path.write_bytes(Path(case.image).read_bytes())
+    save_nifti(label_path, label.reshape(labels.shape).astype(np.uint8), prediction.affine)
+    out = tmp_path / "out"
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["run"] / "best.pt"), "--input", str(root),
+                                               "--out", str(out), "--device", "cpu", "--no-figures", "--no-hd95"],
+                                              capsys)
+    assert code == 0, stdout + stderr
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out / "Case_099_Week0_pred.nii.gz").dataobj), labels)
+    _, rows = read_csv(out / "metrics.csv")
+    dice = {r["class"]: float(r["dice"]) for r in rows}
+    total, kept = voxels.size, voxels.size - moved.size
+    assert dice[CLASS_NAMES[largest]] == pytest.approx(2 * kept / (total + kept), rel=1e-6)
+    assert dice[CLASS_NAMES[other]] == pytest.approx(2 * counts[other] / (2 * counts[other] + moved.size), rel=1e-6)
+    for c, name in enumerate(CLASS_NAMES):
+        if c in (largest, other):
+            continue
+        if counts[c]:
+            assert dice[name] == pytest.approx(1.0), name
+        else:
+            assert math.isnan(dice[name]), name
+
+
+def test_predict_input_folder_keeps_same_named_files_apart_and_skips_labels(trained, tmp_path, capsys):
+    """Outside HipMRI naming: scan.nii.gz in two folders gives two outputs, and label files are
+    not predicted as images."""
+    case = find_cases(trained["data"])[0]
+    root = tmp_path / "scans"
+    for folder in ("site_a", "site_b"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "scan.nii.gz").write_bytes(Path(case.image).read_bytes())
+    (root / "site_a" / "scan_label.nii.gz").write_bytes(Path(case.label).read_bytes())
+    (root / "labels").mkdir()
+    (root / "labels" / "scan.nii.gz").write_bytes(Path(case.label).read_bytes())
+    out = tmp_path / "out"
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["run"] / "best.pt"), "--input", str(root),
+                                               "--out", str(out), "--device", "cpu", "--no-figures"], capsys)
+    assert code == 0, stdout + stderr
+    written = sorted(p.name for p in out.glob("*_pred.nii.gz"))
+    assert written == ["site_a__scan_pred.nii.gz", "site_b__scan_pred.nii.gz"]

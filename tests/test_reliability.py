@@ -27,13 +27,13 @@ from dataset import DataError, LoadValidated, cached_dataset, find_cases, prepro
 from modules import ImprovedUNet3D
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = (16, 16, 16)
+SPACING = (2.55, 2.125, 1.56)  # conftest volumes (24 x 20 x 16 at 1.7, 1.7, 1.56 mm) become 16 x 16 x 16
 
 
 def data_error_of(item: dict) -> DataError:
     """Run the real preprocessing on ``item``; return the DataError it raises (MONAI wraps it)."""
     with pytest.raises(Exception) as caught:
-        preprocessing(SIZE)(item)
+        preprocessing(SPACING)(item)
     error = unwrap_data_error(caught.value)
     assert error is not None, f"not a DataError: {caught.value!r}"
     return error
@@ -187,7 +187,7 @@ def test_failed_cache_leaves_no_loader_threads_running(tmp_path, hipmri):
     truncated(bad)
     before = set(threading.enumerate())
     with pytest.raises(Exception) as caught:
-        cached_dataset(find_cases(tmp_path), SIZE, workers=2)
+        cached_dataset(find_cases(tmp_path), SPACING, workers=2)
     assert_one_line_naming(unwrap_data_error(caught.value), bad)
     running = [t for t in set(threading.enumerate()) - before if isinstance(t, DummyProcess) and t.is_alive()]
     assert not running
@@ -367,6 +367,7 @@ from dataset import preprocessing, unwrap_data_error
 
 rng = np.random.default_rng(seed)
 shape, affine = (24, 20, 16), np.diag([-1.7, -1.7, 1.56, 1.0])
+TARGET_SPACING = (2.55, 2.125, 1.56)  # 16 x 16 x 16 voxels for the intact header
 label = np.zeros(shape, np.uint8)
 label[4:20, 4:16, 3:13] = 1
 label[8:14, 8:12, 6:10] = 3
@@ -453,11 +454,15 @@ for n in range(count):
     started = time.time()
     signal.alarm(30)
     try:
-        result = preprocessing((16, 16, 16))(item)
+        result = preprocessing(TARGET_SPACING)(item)
         signal.alarm(0)
+        # Volumes keep their own field of view, so a damaged voxel size changes the shape; it must
+        # stay a usable volume (the loader refuses anything outside 2..MAX_RESAMPLED_AXIS voxels).
         problems = [f"{key}: dtype {result[key].dtype}, shape {tuple(result[key].shape)}, "
                     f"finite {bool(torch.isfinite(result[key]).all())}" for key in item
-                    if result[key].dtype != torch.float32 or tuple(result[key].shape) != (1, 16, 16, 16)
+                    if result[key].dtype != torch.float32 or result[key].ndim != 4
+                    or not all(2 <= n <= 2048 for n in result[key].shape[1:])
+                    or result[key].shape != result["image"].shape
                     or not torch.isfinite(result[key]).all()]
         record["outcome"] = "bad output: " + "; ".join(problems) if problems else "loaded"
     except Timeout:

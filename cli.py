@@ -1,0 +1,42 @@
+"""What every script does at its edge: bad input ends in one line naming the file and the
+problem (exit code 2; --debug shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from checkpoint import CheckpointError
+from dataset import DataError, unwrap_data_error
+
+
+def run_cli(main_fn, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        main_fn(args)
+    except (DataError, CheckpointError) as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        data_error = unwrap_data_error(error)
+        if data_error is None or getattr(args, "debug", False):
+            raise
+        print(f"error: {data_error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations the user actually gave on the command line (defaults left out)."""
+    defaults = {action.dest: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given = parser.parse_args(argv)
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+    return set(vars(given))

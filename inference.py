@@ -1,0 +1,301 @@
+"""Inference shared by training's validation and predict.py: device and precision, Gaussian
+sliding-window prediction with flip TTA, ensembles of models, resampling back to the source
+grid through the affines, and connected-component post-processing learned on validation.
+
+Data flows one way: train.py and predict.py import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from checkpoint import CheckpointError, load_checkpoint
+from dataset import drop_trailing_singletons
+from metrics import dice_per_class, hd95_per_class, nan_mean
+from modules import ImprovedUNet3D
+
+MEMORY_FLAGS = ("--patch-size (smaller crops and windows), --spacing (coarser voxels), --channels (narrower "
+                "network), --checkpointing, --batch-size 1")
+
+
+def out_of_memory_message(stage: str, patch_size) -> str:
+    return (f"error: out of GPU memory in {stage} (window {list(patch_size) if patch_size else 'whole volume'}); "
+            f"reduce memory with {MEMORY_FLAGS}")
+
+
+# ----------------------------------------------------------------------------- devices
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast runs 3D
+    convolutions about twice as fast as float32; elsewhere it would be slower, so it stays off."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """Mixed precision: bf16 where the GPU runs it natively, else fp16 (training adds a
+    GradScaler); on the CPU bf16 only with native bf16 instructions. None means float32.
+
+    ``including_emulation=False``: PyTorch otherwise reports bf16 as supported on GPUs that only
+    emulate it (pre-Ampere), where it is far slower than fp16."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+def window_size(roi_size: Sequence[int] | None, image: torch.Tensor) -> tuple[int, ...]:
+    """The sliding window: the run's ``roi_size``, or the whole volume where none is set."""
+    return tuple(int(s) for s in (roi_size or image.shape[2:]))
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int] | None,
+                          overlap: float = 0.5, tta: bool = False, amp_dtype: torch.dtype | None = None,
+                          sw_batch_size: int = 2) -> torch.Tensor:
+    """Softmax probabilities ``(B, C, X, Y, Z)`` for ``image (B, 1, X, Y, Z)`` by Gaussian-weighted
+    sliding-window inference (MONAI); ``tta`` averages with the left-right mirrored prediction
+    (the only flip used in training, so the only one the network has learned to be invariant to)."""
+    device = next(model.parameters()).device
+    image = torch.as_tensor(image).to(device)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return model(window).float()
+
+    def run(volume: torch.Tensor) -> torch.Tensor:
+        logits = sliding_window_inference(volume, roi_size=window_size(roi_size, volume), sw_batch_size=sw_batch_size,
+                                          predictor=predictor, overlap=overlap, mode="gaussian")
+        return torch.softmax(torch.as_tensor(logits).float(), dim=1)
+
+    probabilities = run(image)
+    if tta:
+        probabilities = (probabilities + run(image.flip(2)).flip(2)) / 2
+    return probabilities
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+# Settings that decide what the network sees and says; ensemble members must agree on all of them.
+PREPROCESSING_KEYS = ("spacing", "class_names")
+
+
+@dataclass
+class Member:
+    """One model of an ensemble, held on the CPU until its turn on the device."""
+    path: str
+    model_args: dict
+    weights: dict
+    config: dict
+    run_dir: Path
+    split: dict | None
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its best.pt)."""
+    path = Path(path)
+    return path / "best.pt" if path.is_dir() else path
+
+
+def load_members(paths: Sequence[str | Path]) -> list[Member]:
+    """Checkpoints (or run folders) of one ensemble; refuses, in one line, members that disagree
+    on classes or preprocessing, since their outputs could not be averaged voxel for voxel."""
+    members = []
+    for given in paths:
+        path = checkpoint_path(given)
+        state = load_checkpoint(path)
+        config = dict(state.get("config", {}))
+        config["class_names"] = list(state.get("class_names", config.get("class_names", [])))
+        if "spacing" not in config:
+            raise CheckpointError(f"{path}: holds no preprocessing spacing (written by an older version); retrain")
+        members.append(Member(str(path), state["model_args"], state["model"], config, path.parent,
+                              state.get("split")))
+    reference = members[0]
+    for member in members[1:]:
+        for key in PREPROCESSING_KEYS:
+            if member.config.get(key) != reference.config.get(key):
+                raise CheckpointError(f"{member.path}: {key} {member.config.get(key)} differs from "
+                                      f"{reference.path}'s {reference.config.get(key)}; models of one ensemble "
+                                      "must share classes and preprocessing")
+    return members
+
+
+class Ensemble:
+    """Averages the softmax of its members (and their TTA flips) on the preprocessed grid.
+
+    Memory stays bounded however many members: one network lives on the device at a time and the
+    outputs are a running sum. Members that share an architecture reuse one network object."""
+
+    def __init__(self, members: Sequence[Member], device: torch.device, amp_dtype: torch.dtype | None):
+        self.members, self.device, self.amp_dtype = list(members), device, amp_dtype
+        self._networks: dict[str, torch.nn.Module] = {}
+
+    def network(self, member: Member) -> torch.nn.Module:
+        key = json.dumps(member.model_args, sort_keys=True)
+        if key not in self._networks:
+            try:
+                self._networks[key] = ImprovedUNet3D(**member.model_args).eval()
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{member.path}: model arguments do not fit ImprovedUNet3D ({error})") from None
+        network = self._networks[key]
+        try:
+            network.load_state_dict(member.weights)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"{member.path}: weights do not fit ImprovedUNet3D ({first_line[:160]})") from None
+        return network
+
+    @torch.no_grad()
+    def probabilities(self, image: torch.Tensor, roi_size, overlap: float, tta: bool) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            network = self.network(member).to(self.device)
+            probabilities = predict_probabilities(network, image, roi_size, overlap, tta, self.amp_dtype).cpu()
+            total = probabilities if total is None else total + probabilities
+            network.to("cpu")
+        return total / len(self.members)
+
+
+# ----------------------------------------------------------------------------- back to the source grid
+
+def load_source(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    source = nib.load(path)
+    data = drop_trailing_singletons(np.asanyarray(source.dataobj))
+    return data, source
+
+
+def to_source_grid(probabilities: torch.Tensor, preprocessed_image: MetaTensor, slab: int = 16) -> torch.Tensor:
+    """Class probabilities ``(C, X, Y, Z)`` on the preprocessed grid, resampled trilinearly to the
+    source image's own voxel grid through the two affines: ``(C, *source shape)``.
+
+    Each source voxel centre is mapped to the preprocessed grid (inverse preprocessed affine times
+    the source affine), so reorientation, spacing and any field of view come back exactly; arg-max
+    after interpolation never invents a class (as nnU-Net does). Written by hand because MONAI's
+    Invertd would replay the forward resampling's mode ("area", i.e. nearest when enlarging) and
+    give blocky borders. Done in slabs of source slices to bound memory at full resolution.
+    """
+    probabilities = torch.as_tensor(probabilities).float()
+    source_affine = np.asarray(preprocessed_image.meta["original_affine"], dtype=np.float64)
+    source_shape = tuple(int(s) for s in preprocessed_image.meta["spatial_shape"][:3])
+    target_affine = np.asarray(torch.as_tensor(preprocessed_image.affine), dtype=np.float64)
+    source_to_target = torch.as_tensor(np.linalg.inv(target_affine) @ source_affine, dtype=torch.float64)
+    target_shape = probabilities.shape[1:]
+    # grid_sample's normalised coordinates (align_corners=True): -1 and 1 are the first and last voxel centres.
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in target_shape], dtype=torch.float64)
+    axes = [torch.arange(n, dtype=torch.float64) for n in source_shape]
+    output = torch.empty((probabilities.shape[0], *source_shape), dtype=torch.float32)
+    volume = probabilities[None]
+    for start in range(0, source_shape[0], slab):
+        x = axes[0][start:start + slab]
+        points = (x[:, None, None, None] * source_to_target[:3, 0] + axes[1][None, :, None, None] * source_to_target[:3, 1]
+                  + axes[2][None, None, :, None] * source_to_target[:3, 2] + source_to_target[:3, 3])
+        normalised = points * scale - 1.0
+        grid = normalised.flip(-1).float()[None]  # grid_sample wants (z, y, x) = (W, H, D) order
+        output[:, start:start + slab] = torch.nn.functional.grid_sample(
+            volume, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    return output
+
+
+def labels_from_probabilities(probabilities: torch.Tensor) -> np.ndarray:
+    return probabilities.argmax(0).to(torch.uint8).numpy()
+
+
+def write_prediction(labels: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
+    """uint8 labels with the source image's affine and orientation codes, so they open over it."""
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    image = nib.Nifti1Image(np.asarray(labels).astype(np.uint8), source.affine, header=header)
+    image.set_qform(source.affine, code=int(source.header["qform_code"]) or 1)
+    image.set_sform(source.affine, code=int(source.header["sform_code"]) or 1)
+    nib.save(image, path)
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+def keep_largest_component(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Keep only the largest connected component (26-connectivity) of each class in ``classes``;
+    the removed voxels become background, as in nnU-Net. The labelling is scipy.ndimage's
+    (MONAI's KeepLargestConnectedComponent needs scikit-image on the CPU, one dependency more for
+    the same labelling)."""
+    result = np.array(labels, copy=True)
+    for c in classes:
+        components, count = ndimage.label(result == c, structure=np.ones((3, 3, 3), dtype=bool))
+        if count > 1:
+            sizes = np.bincount(components.reshape(-1))[1:]
+            result[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
+    return result
+
+
+def volume_figures(prediction: np.ndarray, target: np.ndarray, num_classes: int, spacing) -> dict:
+    """Dice and HD95 per class of one validation volume, with and without each class's
+    largest-component step: the per-volume figures a post-processing decision is made from."""
+    before = {"dice": dice_per_class(prediction, target, num_classes).tolist(),
+              "hd95": hd95_per_class(prediction, target, num_classes, spacing).tolist()}
+    after_dice, after_hd95 = [], []
+    for c in range(num_classes):
+        if c == 0:
+            after_dice.append(before["dice"][0])
+            after_hd95.append(before["hd95"][0])
+            continue
+        processed = keep_largest_component(prediction, [c])
+        after_dice.append(float(dice_per_class(processed, target, num_classes)[c]))
+        after_hd95.append(float(hd95_per_class(processed == c, target == c, 2, spacing)[1]))
+    return {"dice": before["dice"], "hd95": before["hd95"], "dice_lcc": after_dice, "hd95_lcc": after_hd95}
+
+
+def decide_postprocessing(volumes: Sequence[dict], class_names: Sequence[str]) -> dict:
+    """nnU-Net's rule (determine_postprocessing), per organ: keep "largest connected component
+    only" where, over the validation volumes, it raises the organ's mean Dice, or lowers its mean
+    HD95 without lowering its Dice. Removed voxels only become background, so no other organ can
+    get worse. Returns the decision with the figures behind it."""
+    decision = {"rule": "per organ, keep the largest connected component where it raises mean validation Dice, "
+                        "or lowers mean HD95 without lowering Dice", "n_volumes": len(volumes),
+                "largest_component": [], "per_class": {}}
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        dice_before = nan_mean([v["dice"][c] for v in volumes])
+        dice_after = nan_mean([v["dice_lcc"][c] for v in volumes])
+        hd_before = nan_mean([v["hd95"][c] for v in volumes])
+        hd_after = nan_mean([v["hd95_lcc"][c] for v in volumes])
+        raises_dice = dice_after > dice_before + 1e-9
+        lowers_hd95 = dice_after >= dice_before - 1e-9 and hd_after < hd_before - 1e-9
+        keep = bool(volumes) and (raises_dice or lowers_hd95)
+        decision["per_class"][name] = {"dice": dice_before, "dice_largest_component": dice_after,
+                                       "hd95": hd_before, "hd95_largest_component": hd_after, "keep": keep}
+        if keep:
+            decision["largest_component"].append(name)
+    return decision
+
+
+def apply_postprocessing(labels: np.ndarray, decision: dict | None, class_names: Sequence[str]) -> np.ndarray:
+    if not decision:
+        return labels
+    classes = [class_names.index(name) for name in decision.get("largest_component", []) if name in class_names]
+    return keep_largest_component(labels, classes)
