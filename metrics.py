@@ -110,6 +110,19 @@ def summarise(dice: np.ndarray, hd95: np.ndarray, misses: np.ndarray, class_name
     }
 
 
+def json_ready(value):
+    """Plain JSON: NaN and infinities (absent organs, undefined HD95) become null."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def format_value(value):
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"

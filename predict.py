@@ -20,7 +20,9 @@ from cli import run_cli
 from dataset import Case, DataError, cases_from_input, cases_in, find_cases, preprocessing
 from inference import (Ensemble, apply_postprocessing, autocast_dtype, decide_postprocessing, labels_from_probabilities,
                        load_members, load_source, resolve_device, to_source_grid, write_prediction)
-from metrics import dice_per_class, hd95_per_class, misses_per_class, print_table, summarise, write_rows
+from metrics import dice_per_class, hd95_per_class, json_ready, misses_per_class, print_table, summarise, write_rows
+from report import write_report
+from uncertainty import fit_flag_thresholds, flag_case, normalised_entropy, organ_uncertainty, write_uncertainty
 
 
 def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -41,7 +43,7 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="skip the post-processing decided on the validation patients (postprocessing.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures (the report then has none)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slow metric)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser.parse_args(argv)
@@ -73,7 +75,8 @@ def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: S
             raise DataError(f"{out}: refusing to write predictions into the folder of input {path}")
     if overwrite or not out.exists():
         return
-    planned = [out / f"{c.case_id}_pred.nii.gz" for c in cases] + [out / "metrics.csv", out / "summary.json"]
+    planned = ([out / f"{c.case_id}_{kind}.nii.gz" for c in cases for kind in ("pred", "uncertainty")]
+               + [out / name for name in ("metrics.csv", "summary.json", "report.html")])
     existing = [p for p in planned if p.exists()]
     if existing:
         raise DataError(f"{existing[0]}: already exists ({len(existing)} output files would be replaced); "
@@ -101,12 +104,91 @@ def postprocessing_for(members, class_names: Sequence[str], skip: bool) -> dict:
     return decision
 
 
+def review_rule_for(members, class_names: Sequence[str]) -> dict | None:
+    """The uncertainty thresholds that flag a case for review, refitted on the pooled validation
+    volumes of every member's run (uncertainty.json); None where a member's run has none."""
+    volumes = []
+    for member in members:
+        path = member.run_dir / "uncertainty.json"
+        if not path.is_file():
+            return None
+        try:
+            volumes += json.loads(path.read_text())["volumes"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: not a valid uncertainty file ({error})") from None
+    scores = np.array([v["uncertainty"] for v in volumes], dtype=float).reshape(-1, len(class_names))
+    dice = np.array([v["dice"] for v in volumes], dtype=float).reshape(-1, len(class_names))
+    rule = fit_flag_thresholds(scores, dice, class_names)
+    rule["source"] = [str(m.run_dir / "uncertainty.json") for m in members]
+    return rule
+
+
+def predict_case(case: Case, transform, ensemble: Ensemble, args, postprocessing: dict, rule: dict | None,
+                 class_names: Sequence[str], out: Path) -> dict:
+    """One case: prediction and uncertainty NIfTIs on the source grid, per-organ figures, flags."""
+    num_classes = len(class_names)
+    item = transform(case.as_dict())
+    probabilities = ensemble.probabilities(item["image"][None], ensemble_roi(ensemble), args.overlap, args.tta)[0]
+    source_probabilities = to_source_grid(probabilities, item["image"])
+    labels = apply_postprocessing(labels_from_probabilities(source_probabilities), postprocessing, class_names)
+    entropy = normalised_entropy(source_probabilities).numpy()
+    del source_probabilities
+    image_data, source = load_source(case.image)
+    prediction_path, uncertainty_path = out / f"{case.case_id}_pred.nii.gz", out / f"{case.case_id}_uncertainty.nii.gz"
+    write_prediction(labels, source, prediction_path)
+    write_uncertainty(entropy, source, uncertainty_path)
+    scores = organ_uncertainty(entropy, labels, num_classes)
+    flags = flag_case(scores, rule, class_names) if rule else []
+    spacing_mm = source.header.get_zooms()[:3]
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    kept = postprocessing.get("largest_component", [])
+    result = {"case": case, "flags": flags, "rows": [], "dice": None, "hd95": None, "misses": None}
+    target = None
+    if case.label is not None:
+        target = load_source(case.label)[0].astype(np.int64)
+        result["dice"] = dice_per_class(labels, target, num_classes)
+        result["hd95"] = (np.full(num_classes, np.nan) if args.no_hd95
+                          else hd95_per_class(labels, target, num_classes, spacing_mm))
+        result["misses"] = misses_per_class(labels, target, num_classes)
+    for c, name in enumerate(class_names):
+        row = {"case": case.case_id, "class": name}
+        if target is not None:
+            row.update({"dice": result["dice"][c], "hd95": result["hd95"][c], "missed": int(result["misses"][c]),
+                        "gt_volume_ml": float((target == c).sum()) * voxel_ml})
+        row.update({"pred_volume_ml": float((labels == c).sum()) * voxel_ml, "uncertainty": scores[c],
+                    "flagged": int(any(f["organ"] == name for f in flags)),
+                    "postprocessing": "largest_component" if name in kept else "none"})
+        result["rows"].append(row)
+    figures = []
+    if not args.no_figures:
+        from figures import save_case_figures, save_uncertainty_figure  # matplotlib only when figures are drawn
+        save_case_figures(image_data, target, labels, source.affine, class_names, out / "figures", case.case_id)
+        save_uncertainty_figure(image_data, entropy, source.affine, out / "figures" / f"{case.case_id}_uncertainty.png",
+                                prediction=labels, class_names=class_names, title=f"{case.case_id}: uncertainty")
+        figures = [f"figures/{case.case_id}_best_slices.png", f"figures/{case.case_id}_uncertainty.png",
+                   f"figures/{case.case_id}_overview.png"]
+    result["report"] = {"case_id": case.case_id, "prediction_path": prediction_path.name,
+                        "uncertainty_path": uncertainty_path.name, "image_path": str(Path(case.image).resolve()),
+                        "figures": figures, "flags": flags,
+                        "metrics": {row["class"]: {k: row[k] for k in ("dice", "hd95", "gt_volume_ml",
+                                                                         "pred_volume_ml", "uncertainty") if k in row}
+                                    for row in result["rows"]}}
+    text = "  ".join(f"{n} {d:.3f}" for n, d in zip(class_names[1:], result["dice"][1:])) if target is not None \
+        else "written"
+    flagged = "; ".join(f"{f['organ']} {f['reason']}" for f in flags)
+    print(f"  {case.case_id}: {text}" + (f"  REVIEW: {flagged}" if flags else ""), flush=True)
+    return result
+
+
+def ensemble_roi(ensemble: Ensemble):
+    return ensemble.members[0].config.get("roi_size")
+
+
 def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     members = load_members(args.checkpoint)
     config = members[0].config
     class_names = list(config["class_names"])
-    num_classes = len(class_names)
     spacing, roi_size = config["spacing"], config.get("roi_size")
     amp_dtype = autocast_dtype(device, enabled=not config.get("no_amp", False))
     first_checkpoint = members[0].path
@@ -114,63 +196,48 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     check_output_folder(out, [args.data_root, args.input], cases, args.overwrite)
     postprocessing = postprocessing_for(members, class_names, args.no_postprocessing)
+    rule = review_rule_for(members, class_names)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "predict_config.json").write_text(json.dumps({**vars(args), "checkpoints": [m.path for m in members],
-                                                          "spacing": spacing, "roi_size": roi_size,
-                                                          "postprocessing": postprocessing}, indent=2) + "\n")
-    transform = preprocessing(spacing, num_classes)
+    (out / "predict_config.json").write_text(json.dumps(json_ready({
+        **vars(args), "checkpoints": [m.path for m in members], "spacing": spacing, "roi_size": roi_size,
+        "postprocessing": postprocessing, "review_rule": rule}), indent=2) + "\n")
+    transform = preprocessing(spacing, len(class_names))
     ensemble = Ensemble(members, device, amp_dtype)
     kept = postprocessing.get("largest_component", [])
     print(f"Predicting {len(cases)} volume(s) with {len(members)} model(s) on {device} (spacing "
           f"{[round(s, 3) for s in spacing]} mm, window {roi_size}, overlap {args.overlap}, tta {args.tta}; "
           f"largest component kept for {', '.join(kept) or 'no class'})")
 
-    rows, dice_rows, hd95_rows, miss_rows = [], [], [], []
-    for case in cases:
-        item = transform(case.as_dict())
-        probabilities = ensemble.probabilities(item["image"][None], roi_size, args.overlap, args.tta)[0]
-        source_probabilities = to_source_grid(probabilities, item["image"])
-        labels = apply_postprocessing(labels_from_probabilities(source_probabilities), postprocessing, class_names)
-        image_data, source = load_source(case.image)
-        write_prediction(labels, source, out / f"{case.case_id}_pred.nii.gz")
-        target = None
-        if case.label is not None:
-            target = load_source(case.label)[0].astype(np.int64)
-            spacing_mm = source.header.get_zooms()[:3]
-            voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-            dice = dice_per_class(labels, target, num_classes)
-            hd95 = (np.full(num_classes, np.nan) if args.no_hd95
-                    else hd95_per_class(labels, target, num_classes, spacing_mm))
-            misses = misses_per_class(labels, target, num_classes)
-            dice_rows.append(dice)
-            hd95_rows.append(hd95)
-            miss_rows.append(misses)
-            for c, name in enumerate(class_names):
-                rows.append({"case": case.case_id, "class": name, "dice": dice[c], "hd95": hd95[c],
-                             "missed": int(misses[c]),
-                             "gt_volume_ml": float((target == c).sum()) * voxel_ml,
-                             "pred_volume_ml": float((labels == c).sum()) * voxel_ml,
-                             "postprocessing": "largest_component" if name in kept else "none"})
-            print(f"  {case.case_id}: " + "  ".join(f"{n} {d:.3f}" for n, d in zip(class_names[1:], dice[1:])))
-        else:
-            print(f"  {case.case_id}: written")
-        if not args.no_figures:
-            from figures import save_case_figures  # matplotlib only when figures are drawn
-            save_case_figures(image_data, target, labels, source.affine, class_names, out / "figures", case.case_id)
-
-    summary = {}
-    if dice_rows:
-        applied = {"largest_component": kept, "source": postprocessing.get("source")}
-        summary = summarise(np.array(dice_rows), np.array(hd95_rows), np.array(miss_rows), class_names,
-                            [m.path for m in members] if len(members) > 1 else first_checkpoint, applied)
-        summary["tta"] = args.tta
-        write_rows(rows, out / "metrics.csv")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if not args.no_figures:
-            from figures import save_dice_boxplot
-            save_dice_boxplot(np.array(dice_rows), class_names, out / "figures" / "dice_boxplot.png")
+    results = [predict_case(case, transform, ensemble, args, postprocessing, rule, class_names, out) for case in cases]
+    write_rows([row for r in results for row in r["rows"]], out / "metrics.csv")
+    labelled = [r for r in results if r["dice"] is not None]
+    checkpoint = [m.path for m in members] if len(members) > 1 else first_checkpoint
+    applied = {"largest_component": kept, "source": postprocessing.get("source")}
+    if labelled:
+        summary = summarise(np.array([r["dice"] for r in labelled]), np.array([r["hd95"] for r in labelled]),
+                            np.array([r["misses"] for r in labelled]), class_names, checkpoint, applied)
+    else:
+        summary = {"n_cases": 0, "checkpoint": checkpoint, "postprocessing": applied}
+    summary["n_predicted"] = len(results)
+    summary["tta"] = args.tta
+    summary["review_rule"] = ("none: a member's run has no uncertainty.json" if rule is None
+                              else {"rule": rule["rule"], "score": rule["score"], "source": rule["source"]})
+    summary["flagged"] = [{"case": r["case"].case_id, "organ": f["organ"], "score": f["score"],
+                           "threshold": f["threshold"], "reason": f["reason"]} for r in results for f in r["flags"]]
+    (out / "summary.json").write_text(json.dumps(json_ready(summary), indent=2) + "\n")
+    run_figures = []
+    if labelled and not args.no_figures:
+        from figures import save_dice_boxplot
+        save_dice_boxplot(np.array([r["dice"] for r in labelled]), class_names, out / "figures" / "dice_boxplot.png")
+        run_figures = ["figures/dice_boxplot.png"]
+    write_report(out, [r["report"] for r in results], summary if labelled else None, class_names,
+                 title=f"Prediction report: {len(results)} volume(s), {len(members)} model(s)", run_figures=run_figures)
+    if labelled:
         print_table(summary, class_names)
-    print(f"Outputs in {out}")
+    flagged_cases = sorted({f["case"] for f in summary["flagged"]})
+    print(f"Flagged for review: {len(flagged_cases)} of {len(results)} case(s)"
+          + (f" ({', '.join(flagged_cases)})" if flagged_cases else ""))
+    print(f"Outputs in {out} (open {out / 'report.html'})")
     return summary
 
 

@@ -42,8 +42,9 @@ from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, c
                      choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split)
 from inference import (autocast_dtype, decide_postprocessing, labels_from_probabilities, load_source,
                        out_of_memory_message, predict_probabilities, resolve_device, to_source_grid, volume_figures)
-from metrics import dice_from_counts, dice_per_class, format_value, nan_mean, overlap_counts
+from metrics import dice_from_counts, dice_per_class, format_value, json_ready, nan_mean, overlap_counts
 from modules import ImprovedUNet3D, count_parameters
+from uncertainty import fit_flag_thresholds, normalised_entropy, organ_uncertainty
 
 DEFAULT_PHANTOM = Path("data/phantom")
 # Settings a resumed run may take from the new command line: where things are and how to run,
@@ -548,7 +549,8 @@ def validate(args, context: Context, model: Model, data: Data, final: bool = Fal
         with torch.no_grad():
             # The loss on probabilities turned back into log-space logits: the same objective as training.
             loss = compute_loss(model.loss_fn, args.loss, torch.log(probabilities.clamp_min(1e-8)), label)
-        prediction = labels_from_probabilities(to_source_grid(probabilities[0].cpu(), item["image"]))
+        source_probabilities = to_source_grid(probabilities[0].cpu(), item["image"])
+        prediction = labels_from_probabilities(source_probabilities)
         if index not in data.source_labels:
             data.source_labels[index] = load_source(data.val_cases[index].label)[0].astype(np.uint8)
         target = data.source_labels[index]
@@ -557,6 +559,8 @@ def validate(args, context: Context, model: Model, data: Data, final: bool = Fal
         if final:
             spacing = load_source(data.val_cases[index].image)[1].header.get_zooms()[:3]
             record["figures"] = volume_figures(prediction, target, num_classes, spacing)
+            entropy = normalised_entropy(source_probabilities).numpy()
+            record["uncertainty"] = organ_uncertainty(entropy, prediction, num_classes).tolist()
         results.append(record)
     results = gather_lists(results, context)
     dice = np.array([r["dice"] for r in results], dtype=float).reshape(-1, num_classes)
@@ -656,10 +660,11 @@ def finish(args, context: Context, data: Data, model: Model, progress: Progress)
         if context.is_main:
             decision = decide_postprocessing([v["figures"] for v in validation["volumes"]], data.class_names)
             decision["volumes"] = [{"case": v["case"], **v["figures"]} for v in validation["volumes"]]
-            (run_dir / "postprocessing.json").write_text(json.dumps(decision, indent=2, allow_nan=True) + "\n")
+            (run_dir / "postprocessing.json").write_text(json.dumps(json_ready(decision), indent=2) + "\n")
             kept = ", ".join(decision["largest_component"]) or "none"
             print(f"Post-processing decided on {len(validation['volumes'])} validation volume(s): largest connected "
                   f"component kept for {kept} ({run_dir / 'postprocessing.json'})")
+            write_review_rule(run_dir / "uncertainty.json", validation["volumes"], data.class_names)
     if context.is_main:
         if progress.interrupted:
             print(f"Interrupted. {run_dir / 'last.pt'} holds the last completed epoch; continue with --resume.")
@@ -672,6 +677,17 @@ def finish(args, context: Context, data: Data, model: Model, progress: Progress)
             print(message, flush=True)
         dist.barrier()
         dist.destroy_process_group()
+
+
+def write_review_rule(path: Path, volumes: list[dict], class_names: list[str]) -> None:
+    """The uncertainty thresholds that flag a case for review, fitted on the validation volumes,
+    stored with the per-volume scores and Dice behind them (so an ensemble can refit on the pooled
+    validation volumes of all its members)."""
+    scores = np.array([v["uncertainty"] for v in volumes], dtype=float).reshape(-1, len(class_names))
+    dice = np.array([v["dice"] for v in volumes], dtype=float).reshape(-1, len(class_names))
+    rule = fit_flag_thresholds(scores, dice, class_names)
+    rule["volumes"] = [{"case": v["case"], "uncertainty": v["uncertainty"], "dice": v["dice"]} for v in volumes]
+    path.write_text(json.dumps(json_ready(rule), indent=2) + "\n")
 
 
 def main(args: argparse.Namespace) -> dict:
