@@ -208,9 +208,14 @@ def find_series(folder: str | Path) -> list[DicomSeries]:
 
 
 def with_case_ids(folder: Path, series: list[DicomSeries]) -> list[DicomSeries]:
-    """Name each series: the folder's name for a lone series, else patient, series number and UID tail."""
-    if len(series) == 1:
-        return [replace(series[0], case_id=safe_id(folder.resolve().name))]
+    """Name each series: the name of the folder holding its files where that is its own (a lone
+    series, or one series per subfolder, as exports lay them out), else patient, series number
+    and UID tail."""
+    homes = [{Path(f).resolve().parent for f in item.files} for item in series]
+    names = [safe_id(next(iter(h)).name) if len(h) == 1 else None for h in homes]
+    if all(names) and len(set(names)) == len(names) and (len(series) == 1 or folder.resolve() not in
+                                                          {next(iter(h)) for h in homes}):
+        return [replace(item, case_id=name) for item, name in zip(series, names)]
     named, taken = [], set()
     for item in series:
         digits = item.series_uid.replace(".", "")

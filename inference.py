@@ -197,32 +197,83 @@ def to_source_grid(probabilities: torch.Tensor, preprocessed_image: MetaTensor, 
     the source affine), so reorientation, spacing and any field of view come back exactly; arg-max
     after interpolation never invents a class (as nnU-Net does). Written by hand because MONAI's
     Invertd would replay the forward resampling's mode ("area", i.e. nearest when enlarging) and
-    give blocky borders. Done in slabs of source slices to bound memory at full resolution.
+    give blocky borders. Where the mapping is a reorientation plus the field-of-view-keeping
+    resize of preprocessing (every non-oblique case) it is one separable trilinear interpolation;
+    otherwise a grid_sample over the mapped voxel centres, in slabs to bound memory.
     """
     probabilities = torch.as_tensor(probabilities).float()
     source_affine = np.asarray(preprocessed_image.meta["original_affine"], dtype=np.float64)
     source_shape = tuple(int(s) for s in preprocessed_image.meta["spatial_shape"][:3])
     target_affine = np.asarray(torch.as_tensor(preprocessed_image.affine), dtype=np.float64)
-    source_to_target = torch.as_tensor(np.linalg.inv(target_affine) @ source_affine, dtype=torch.float64)
+    source_to_target = np.linalg.inv(target_affine) @ source_affine
+    separable = _separable_view(probabilities, source_to_target, source_shape)
+    if separable is not None:
+        return torch.nn.functional.interpolate(separable[None], size=source_shape, mode="trilinear",
+                                               align_corners=False)[0]
+    return _grid_sample(probabilities, source_to_target, source_shape, slab)
+
+
+def _separable_view(probabilities: torch.Tensor, source_to_target: np.ndarray, source_shape) -> torch.Tensor | None:
+    """The probabilities permuted and flipped into source axis order, when each source axis maps
+    onto one target axis exactly as F.interpolate(align_corners=False) maps it (target position
+    (i + 0.5) n_target / n_source - 0.5); None otherwise."""
+    linear, offset = source_to_target[:3, :3], source_to_target[:3, 3]
+    order, flips = [], []
+    view = probabilities
+    for source_axis in range(3):
+        column = linear[:, source_axis]
+        target_axis = int(np.argmax(np.abs(column)))
+        if np.abs(np.delete(column, target_axis)).max() > 1e-6:
+            return None
+        order.append(target_axis)
+        flips.append(column[target_axis] < 0)
+    if sorted(order) != [0, 1, 2]:
+        return None
+    for source_axis, target_axis in enumerate(order):
+        n_target, n_source = probabilities.shape[1 + target_axis], source_shape[source_axis]
+        step, start = linear[target_axis, source_axis], offset[target_axis]
+        if flips[source_axis]:
+            step, start = -step, (n_target - 1) - start
+        ratio = n_target / n_source
+        if abs(step - ratio) > 1e-4 * ratio or abs(start - (0.5 * ratio - 0.5)) > 1e-3:
+            return None
+    view = view.permute(0, *[1 + t for t in order])
+    flipped = [1 + axis for axis in range(3) if flips[axis]]
+    return (view.flip(flipped) if flipped else view).contiguous()
+
+
+def _grid_sample(probabilities: torch.Tensor, source_to_target: np.ndarray, source_shape, slab: int) -> torch.Tensor:
     target_shape = probabilities.shape[1:]
-    # grid_sample's normalised coordinates (align_corners=True): -1 and 1 are the first and last voxel centres.
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in target_shape], dtype=torch.float64)
-    axes = [torch.arange(n, dtype=torch.float64) for n in source_shape]
+    # grid_sample's normalised coordinates (align_corners=True): -1 and 1 are the first and last voxel
+    # centres; folded into the mapping so each slab costs one multiply-add per axis.
+    scale = np.array([2.0 / max(n - 1, 1) for n in target_shape])
+    mapping = torch.as_tensor(np.diag(np.append(scale, 1.0)) @ source_to_target, dtype=torch.float32)
+    mapping[:3, 3] -= 1.0
+    columns = mapping[:3, :3].T.flip(-1)  # grid_sample wants (z, y, x) = (W, H, D) order
+    offset = mapping[:3, 3].flip(-1)
+    yz = (torch.arange(source_shape[1], dtype=torch.float32)[:, None, None] * columns[1]
+          + torch.arange(source_shape[2], dtype=torch.float32)[None, :, None] * columns[2] + offset)
     output = torch.empty((probabilities.shape[0], *source_shape), dtype=torch.float32)
-    volume = probabilities[None]
     for start in range(0, source_shape[0], slab):
-        x = axes[0][start:start + slab]
-        points = (x[:, None, None, None] * source_to_target[:3, 0] + axes[1][None, :, None, None] * source_to_target[:3, 1]
-                  + axes[2][None, None, :, None] * source_to_target[:3, 2] + source_to_target[:3, 3])
-        normalised = points * scale - 1.0
-        grid = normalised.flip(-1).float()[None]  # grid_sample wants (z, y, x) = (W, H, D) order
-        output[:, start:start + slab] = torch.nn.functional.grid_sample(
-            volume, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+        x = torch.arange(start, min(start + slab, source_shape[0]), dtype=torch.float32)
+        grid = (x[:, None, None, None] * columns[0] + yz[None])[None]
+        output[:, start:start + len(x)] = torch.nn.functional.grid_sample(
+            probabilities[None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
     return output
 
 
 def labels_from_probabilities(probabilities: torch.Tensor) -> np.ndarray:
-    return probabilities.argmax(0).to(torch.uint8).numpy()
+    """Arg-max over classes ``(C, ...) -> uint8 (...)``, first class on ties (as torch.argmax).
+    A running comparison, one pass per class: several times faster than a strided argmax over
+    the channel axis of a full-resolution volume."""
+    probabilities = torch.as_tensor(probabilities)
+    best = probabilities[0].clone()
+    labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8)
+    for c in range(1, probabilities.shape[0]):
+        better = probabilities[c] > best
+        labels[better] = c
+        torch.maximum(best, probabilities[c], out=best)
+    return labels.numpy()
 
 
 def write_prediction(labels: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:

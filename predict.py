@@ -18,6 +18,7 @@ import numpy as np
 from checkpoint import CheckpointError
 from cli import run_cli
 from dataset import Case, DataError, cases_from_input, cases_in, find_cases, preprocessing
+from dicom_io import find_series, is_dicom_folder, series_to_nifti, write_rtstruct, write_seg
 from inference import (Ensemble, apply_postprocessing, autocast_dtype, decide_postprocessing, labels_from_probabilities,
                        load_members, load_source, resolve_device, to_source_grid, write_prediction)
 from metrics import dice_per_class, hd95_per_class, json_ready, misses_per_class, print_table, summarise, write_rows
@@ -33,7 +34,8 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(their probabilities are averaged)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-root", help="a HipMRI-layout folder; use with --split")
-    source.add_argument("--input", help="one NIfTI image, or a folder of them (labels used when paired)")
+    source.add_argument("--input", help="one NIfTI image, a folder of them (labels used when paired), or a folder "
+                        "holding one or more DICOM MR series (one case per SeriesInstanceUID)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                         help="which patients of the (first) checkpoint's own split to predict (with --data-root)")
     parser.add_argument("--out", required=True, help="folder for predictions, metrics and figures")
@@ -42,11 +44,28 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="skip the post-processing decided on the validation patients (postprocessing.json)")
+    parser.add_argument("--output-format", nargs="+", choices=OUTPUT_FORMATS, default=["nifti"],
+                        help="nifti: <case>_pred.nii.gz (always written); rtstruct: <case>_rtstruct.dcm, an RT "
+                        "Structure Set for planning systems; seg: <case>_seg.dcm, a DICOM Segmentation. rtstruct "
+                        "and seg need a DICOM series as --input, since they refer to its images")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures (the report then has none)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slow metric)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser.parse_args(argv)
+
+
+OUTPUT_FORMATS = ("nifti", "rtstruct", "seg")
+DICOM_AS_NIFTI = "dicom_as_nifti"  # the DICOM series as NIfTI, the grid the NIfTI prediction lies on
+
+
+def dicom_cases(args: argparse.Namespace) -> tuple[list[Case], dict]:
+    """Cases for the DICOM series under --input (read with pydicom in dicom_io), each predicted
+    from a NIfTI copy written to OUT/dicom_as_nifti/; {case id: series} for the DICOM outputs."""
+    series = find_series(args.input)
+    folder = Path(args.out) / DICOM_AS_NIFTI
+    return ([Case(str(folder / f"{s.case_id}.nii.gz"), None, s.case_id, "", 0) for s in series],
+            {s.case_id: s for s in series})
 
 
 def select_cases(args: argparse.Namespace, split: dict | None, checkpoint: str) -> list[Case]:
@@ -76,6 +95,7 @@ def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: S
     if overwrite or not out.exists():
         return
     planned = ([out / f"{c.case_id}_{kind}.nii.gz" for c in cases for kind in ("pred", "uncertainty")]
+               + [out / f"{c.case_id}_{kind}.dcm" for c in cases for kind in ("rtstruct", "seg")]
                + [out / name for name in ("metrics.csv", "summary.json", "report.html")])
     existing = [p for p in planned if p.exists()]
     if existing:
@@ -142,7 +162,7 @@ def predict_case(case: Case, transform, ensemble: Ensemble, args, postprocessing
     spacing_mm = source.header.get_zooms()[:3]
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     kept = postprocessing.get("largest_component", [])
-    result = {"case": case, "flags": flags, "rows": [], "dice": None, "hd95": None, "misses": None}
+    result = {"case": case, "flags": flags, "rows": [], "dice": None, "hd95": None, "misses": None, "labels": labels}
     target = None
     if case.label is not None:
         target = load_source(case.label)[0].astype(np.int64)
@@ -180,6 +200,19 @@ def predict_case(case: Case, transform, ensemble: Ensemble, args, postprocessing
     return result
 
 
+def write_dicom_outputs(labels: np.ndarray, series, formats: Sequence[str], class_names: Sequence[str], out: Path,
+                        report_entry: dict) -> None:
+    """RTSTRUCT and DICOM-SEG referring to the input series, in the figures' colours."""
+    from figures import class_colours
+    colours = class_colours(len(class_names))
+    if "rtstruct" in formats:
+        path = write_rtstruct(labels, series, class_names, out / f"{series.case_id}_rtstruct.dcm", colours=colours)
+        report_entry["rtstruct_path"] = path.name
+    if "seg" in formats:
+        path = write_seg(labels, series, class_names, out / f"{series.case_id}_seg.dcm", colours=colours)
+        report_entry["seg_path"] = path.name
+
+
 def ensemble_roi(ensemble: Ensemble):
     return ensemble.members[0].config.get("roi_size")
 
@@ -192,9 +225,20 @@ def main(args: argparse.Namespace) -> dict:
     spacing, roi_size = config["spacing"], config.get("roi_size")
     amp_dtype = autocast_dtype(device, enabled=not config.get("no_amp", False))
     first_checkpoint = members[0].path
-    cases = select_cases(args, members[0].split, first_checkpoint)
     out = Path(args.out)
+    series_by_case = {}
+    if args.input and is_dicom_folder(args.input):
+        cases, series_by_case = dicom_cases(args)
+    else:
+        if set(args.output_format) - {"nifti"}:
+            raise DataError(f"{args.input or args.data_root}: --output-format "
+                            f"{' '.join(sorted(set(args.output_format) - {'nifti'}))} needs a DICOM series as --input "
+                            "(an RTSTRUCT or SEG must refer to the images it was drawn on)")
+        cases = select_cases(args, members[0].split, first_checkpoint)
     check_output_folder(out, [args.data_root, args.input], cases, args.overwrite)
+    for case in cases:
+        if case.case_id in series_by_case:
+            series_to_nifti(series_by_case[case.case_id], case.image)
     postprocessing = postprocessing_for(members, class_names, args.no_postprocessing)
     rule = review_rule_for(members, class_names)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +252,12 @@ def main(args: argparse.Namespace) -> dict:
           f"{[round(s, 3) for s in spacing]} mm, window {roi_size}, overlap {args.overlap}, tta {args.tta}; "
           f"largest component kept for {', '.join(kept) or 'no class'})")
 
-    results = [predict_case(case, transform, ensemble, args, postprocessing, rule, class_names, out) for case in cases]
+    results = []
+    for case in cases:
+        results.append(predict_case(case, transform, ensemble, args, postprocessing, rule, class_names, out))
+        if case.case_id in series_by_case:
+            write_dicom_outputs(results[-1]["labels"], series_by_case[case.case_id], args.output_format, class_names, out,
+                                results[-1]["report"])
     write_rows([row for r in results for row in r["rows"]], out / "metrics.csv")
     labelled = [r for r in results if r["dice"] is not None]
     checkpoint = [m.path for m in members] if len(members) > 1 else first_checkpoint

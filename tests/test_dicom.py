@@ -181,6 +181,15 @@ def test_several_series_in_one_folder_give_one_case_each(tmp_path):
     small_series(tmp_path / "study" / "b", image=image, uid_entropy=("b",), series_number=5)
     found = {s.series_number: s for s in dicom_io.find_series(tmp_path / "study")}
     assert sorted(found) == [3, 5]
+    assert (found[3].case_id, found[5].case_id) == ("a", "b")  # one series per subfolder: the folder names
+    np.testing.assert_array_equal(dicom_io.load_series(found[5])[0], image)
+    # the same two series mixed in one folder: named by patient, series number and UID tail
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for sub in ("a", "b"):
+        for file in (tmp_path / "study" / sub).iterdir():
+            (mixed / f"{sub}_{file.name}").write_bytes(file.read_bytes())
+    found = {s.series_number: s for s in dicom_io.find_series(mixed)}
     assert re.fullmatch(r"Synthetic_001_3_\d{8}", found[3].case_id)
     assert re.fullmatch(r"Synthetic_001_5_\d{8}", found[5].case_id)
     np.testing.assert_array_equal(dicom_io.load_series(found[5])[0], image)
