@@ -15,6 +15,8 @@ import json
 import math
 import os
 import subprocess
+from html.parser import HTMLParser
+from urllib.parse import unquote
 import sys
 from pathlib import Path
 
@@ -443,7 +445,8 @@ def test_predict_cli_writes_predictions_metrics_summary_and_figures(predicted):
         assert_png(out / "figures" / f"{case.case_id}_best_slices.png")
         assert_png(out / "figures" / f"{case.case_id}_overview.png")
     header, _ = read_csv(out / "metrics.csv")
-    assert header == ["case", "class", "dice", "hd95", "missed", "gt_volume_ml", "pred_volume_ml", "postprocessing"]
+    assert header == ["case", "class", "dice", "hd95", "missed", "gt_volume_ml", "pred_volume_ml", "uncertainty",
+                      "flagged", "postprocessing"]
     assert len(metric_rows) == len(cases) * NUM_CLASSES
     summary = json.loads((out / "summary.json").read_text())
     assert {"per_class_dice", "per_class_dice_std", "mean_foreground_dice", "per_class_hd95", "per_class_misses",
@@ -493,7 +496,20 @@ def test_predict_single_unlabelled_non_ras_file_matches_the_lps_prediction(train
     assert prediction.shape == reoriented.shape != lps_source.shape
     np.testing.assert_allclose(prediction.affine, reoriented.affine, atol=1e-5)
     assert nib.aff2axcodes(prediction.affine) == ("S", "R", "A")
-    assert not (out / "metrics.csv").exists() and not (out / "summary.json").exists()
+    # without labels: volumes, uncertainty and a report, but no Dice
+    header, rows = read_csv(out / "metrics.csv")
+    assert "dice" not in header and {"pred_volume_ml", "uncertainty", "flagged"} <= set(header)
+    voxel_ml = float(np.prod(reoriented.header.get_zooms()[:3])) / 1000
+    written_labels = np.asanyarray(prediction.dataobj)
+    for row in rows:
+        c = CLASS_NAMES.index(row["class"])
+        assert float(row["pred_volume_ml"]) == pytest.approx((written_labels == c).sum() * voxel_ml, rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 0 and summary["n_predicted"] == 1 and "per_class_dice" not in summary
+    uncertainty = nib.load(out / "scan_uncertainty.nii.gz")
+    assert uncertainty.shape == reoriented.shape
+    np.testing.assert_allclose(uncertainty.affine, reoriented.affine, atol=1e-5)
+    assert (out / "report.html").is_file()
     assert_png(out / "figures" / "scan_best_slices.png")
     reference = np.asanyarray(nib.load(predicted["out"] / f"{case.case_id}_pred.nii.gz").dataobj)
     back_to_lps = prediction.as_reoriented(nib.orientations.ornt_transform(
@@ -571,3 +587,55 @@ def test_predict_input_folder_keeps_same_named_files_apart_and_skips_labels(trai
     assert code == 0, stdout + stderr
     written = sorted(p.name for p in out.glob("*_pred.nii.gz"))
     assert written == ["site_a__scan_pred.nii.gz", "site_b__scan_pred.nii.gz"]
+
+
+class ReportParser(HTMLParser):
+    """Every link and image of report.html, and each case's per-organ numbers (their exact values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.references, self.numbers, self.case, self.organ = [], {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("href", "src"):
+            if attrs.get(key):
+                self.references.append(attrs[key])
+        if tag == "tr" and "data-case" in attrs:
+            self.case = attrs["data-case"]
+        if tag == "tr" and "data-organ" in attrs:
+            self.organ = attrs["data-organ"]
+        if tag == "td" and "data-metric" in attrs and self.case and self.organ:
+            self.numbers[(self.case, self.organ, attrs["data-metric"])] = attrs.get("title", "")
+
+
+def test_report_and_uncertainty_of_a_labelled_run_agree_with_the_files(predicted):
+    out, cases = predicted["out"], predicted["cases"]
+    for case in cases:
+        uncertainty, source = nib.load(out / f"{case.case_id}_uncertainty.nii.gz"), nib.load(case.image)
+        assert uncertainty.shape == source.shape
+        np.testing.assert_allclose(uncertainty.affine, source.affine, atol=1e-5)
+        assert uncertainty.get_data_dtype() == np.uint8  # stored compactly
+        values = np.asanyarray(uncertainty.dataobj)
+        assert values.max() > values.min()  # a map, not a constant
+    parser = ReportParser()
+    parser.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert parser.references
+    for reference in (unquote(r) for r in parser.references if not r.startswith("#")):
+        assert "://" not in reference, f"report.html reaches the network: {reference}"
+        target = Path(reference) if Path(reference).is_absolute() else out / reference
+        assert target.exists(), f"report.html references a missing file: {reference}"
+    _, rows = read_csv(out / "metrics.csv")
+    compared = 0
+    for row in rows:
+        for metric in ("dice", "hd95", "pred_volume_ml", "gt_volume_ml", "uncertainty"):
+            key = (row["case"], row["class"], metric)
+            if row["class"] == "background" or key not in parser.numbers:
+                continue
+            expected = "" if row[metric] == "nan" else row[metric]
+            assert parser.numbers[key] == expected, key
+            compared += 1
+    assert compared >= len(cases) * 5 * 4  # every organ's Dice, HD95, volumes and uncertainty were there
+    summary = json.loads((out / "summary.json").read_text())
+    flagged_rows = {(r["case"], r["class"]) for r in rows if r["flagged"] == "1"}
+    assert {(f["case"], f["organ"]) for f in summary["flagged"]} == flagged_rows
