@@ -339,6 +339,14 @@ class StopRequest:
         return False
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the main process: a scheduler that signals the
+    whole process group (Slurm's scancel, kill -- -PGID) must not kill them mid-step, or the clean
+    stop at the end of the step becomes a DataLoader traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def ensure_default_phantom(args: argparse.Namespace, context: Context) -> Path:
     """The embedded default data: generated once into data/phantom/, reused afterwards."""
     marker = DEFAULT_PHANTOM / "phantom.json"
@@ -602,7 +610,8 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
                 sampler.set_epoch(epoch)
             loader = DataLoader(data.train_data, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                                 num_workers=args.workers, generator=torch.Generator().manual_seed(epoch_seed),
-                                drop_last=False, pin_memory=context.device.type == "cuda", persistent_workers=False)
+                                drop_last=False, pin_memory=context.device.type == "cuda", persistent_workers=False,
+                                worker_init_fn=ignore_stop_signals)
             try:
                 train_loss, train_dice, completed = train_one_epoch(
                     args, context, model, loader, stop, num_classes, device_augmentation,
