@@ -21,9 +21,11 @@ from dataset import Case, DataError, cases_from_input, cases_in, find_cases, pre
 from dicom_io import find_series, is_dicom_folder, series_to_nifti, write_rtstruct, write_seg
 from inference import (Ensemble, apply_postprocessing, autocast_dtype, decide_postprocessing, labels_from_probabilities,
                        load_members, load_source, resolve_device, to_source_grid, write_prediction)
-from metrics import dice_per_class, hd95_per_class, json_ready, misses_per_class, print_table, summarise, write_rows
+from metrics import (dice_per_class, hd95_per_class, json_ready, misses_per_class, nan_mean, print_table, summarise,
+                     write_rows)
 from report import write_report
-from uncertainty import fit_flag_thresholds, flag_case, normalised_entropy, organ_uncertainty, write_uncertainty
+from uncertainty import (fit_flag_thresholds, flag_case, normalised_entropy, organ_uncertainty, rank_correlation,
+                         voxel_error_auroc, write_uncertainty)
 
 
 def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -170,6 +172,9 @@ def predict_case(case: Case, transform, ensemble: Ensemble, args, postprocessing
         result["hd95"] = (np.full(num_classes, np.nan) if args.no_hd95
                           else hd95_per_class(labels, target, num_classes, spacing_mm))
         result["misses"] = misses_per_class(labels, target, num_classes)
+        result["scores"] = scores
+        # how well the voxel uncertainty finds the wrong voxels inside the (true) body
+        result["voxel_auroc"] = voxel_error_auroc(entropy, labels, target, body_mask=target > 0)
     for c, name in enumerate(class_names):
         row = {"case": case.case_id, "class": name}
         if target is not None:
@@ -211,6 +216,25 @@ def write_dicom_outputs(labels: np.ndarray, series, formats: Sequence[str], clas
     if "seg" in formats:
         path = write_seg(labels, series, class_names, out / f"{series.case_id}_seg.dcm", colours=colours)
         report_entry["seg_path"] = path.name
+
+
+def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str]) -> dict:
+    """How well the uncertainty tracks errors on labelled cases: voxel AUROC (wrong vs right voxels
+    inside the body), Spearman's rank correlation of organ scores with Dice (negative: more
+    uncertain, lower Dice), and how many flagged and unflagged organs have a Dice below that organ's
+    median over these cases."""
+    auroc = np.array([r["voxel_auroc"] for r in labelled], dtype=float)
+    scores = np.array([r["scores"] for r in labelled], dtype=float)[:, 1:]
+    dice = np.array([r["dice"] for r in labelled], dtype=float)[:, 1:]
+    flagged = np.array([[any(f["organ"] == name for f in r["flags"]) for name in class_names[1:]] for r in labelled])
+    below = dice < np.nanmedian(dice, axis=0, keepdims=True)
+    return {"voxel_auroc_mean": nan_mean(auroc), "voxel_auroc_min": float(np.nanmin(auroc)) if np.isfinite(auroc).any()
+            else None, "organ_score_dice_spearman": rank_correlation(scores, dice),
+            "organ_score_dice_spearman_per_class": {name: rank_correlation(scores[:, c], dice[:, c])
+                                                    for c, name in enumerate(class_names[1:])},
+            "flagged_organs": int(flagged.sum()), "flagged_organs_below_median_dice": int((flagged & below).sum()),
+            "unflagged_organs": int((~flagged).sum()),
+            "unflagged_organs_below_median_dice": int((~flagged & below).sum())}
 
 
 def ensemble_roi(ensemble: Ensemble):
@@ -267,6 +291,8 @@ def main(args: argparse.Namespace) -> dict:
                             np.array([r["misses"] for r in labelled]), class_names, checkpoint, applied)
     else:
         summary = {"n_cases": 0, "checkpoint": checkpoint, "postprocessing": applied}
+    if labelled:
+        summary["uncertainty_evaluation"] = evaluate_uncertainty(labelled, class_names)
     summary["n_predicted"] = len(results)
     summary["tta"] = args.tta
     summary["review_rule"] = ("none: a member's run has no uncertainty.json" if rule is None
