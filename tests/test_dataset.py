@@ -179,7 +179,8 @@ def test_augmentation_keeps_patch_shape_and_label_values(tmp_path, hipmri):
 
 
 def test_device_augmentation_keeps_shape_and_label_values(tmp_path, hipmri):
-    """train.py's default (--augment device): the batched warp must also sample labels nearest."""
+    """train.py's default (--augment device) on a loaded volume: the batched warp samples labels
+    nearest. No flip here, so the change seen is the warp's, not a mirror image."""
     image, label = hipmri.synthetic_case(hipmri.SHAPE, seed=6)
     label[label == 3] = 1
     hipmri.write_case(tmp_path, 4, 0, image=image, label=label)
@@ -187,12 +188,166 @@ def test_device_augmentation_keeps_shape_and_label_values(tmp_path, hipmri):
     images = torch.stack([item["image"].as_tensor()] * 2)
     labels = torch.stack([item["label"].as_tensor()] * 2)
     allowed = set(labels.unique().tolist())
-    warp = dataset.DeviceAugmentation(elastic_prob=1.0, spatial_prob=1.0, elastic_magnitude=3.0)
+    warp = dataset.DeviceAugmentation(elastic_prob=1.0, spatial_prob=1.0, elastic_magnitude=3.0, flip_prob=0.0)
     out_images, out_labels = warp(images, labels, torch.Generator().manual_seed(0))
     assert out_images.shape == images.shape and out_labels.shape == labels.shape
     assert torch.isfinite(out_images).all()
     assert not torch.equal(out_labels, labels)  # it really moved the anatomy
+    assert not torch.equal(out_labels, labels.flip(2))  # and not by mirroring it
     assert set(out_labels.unique().tolist()) <= allowed
+
+
+def asymmetric_labels(size=(12, 10, 8)) -> torch.Tensor:
+    """Blocks of classes 1-5 placed so that no flip or transpose maps the volume onto itself."""
+    label = torch.zeros(size)
+    label[1:5, 1:4, 1:3] = 1
+    label[6:11, 2:5, 4:7] = 2
+    label[2:4, 6:9, 2:6] = 3
+    label[8:10, 7:9, 0:2] = 4
+    label[5, 5, 5] = 5
+    return label
+
+
+def test_device_augmentation_flip_is_left_right_only_and_moves_image_and_label_together():
+    labels = torch.stack([asymmetric_labels()] * 32)[:, None]
+    images = labels / 5 * 0.8 + 0.1  # the image is the label's picture: each follows the other
+    for dim in (2, 3, 4):
+        assert not torch.equal(labels.flip(dim), labels)  # so a flip about any axis would show
+    always = dataset.DeviceAugmentation(spatial_prob=0.0, elastic_prob=0.0, flip_prob=1.0)
+    out_images, out_labels = always(images, labels, torch.Generator().manual_seed(0))
+    assert torch.equal(out_labels, labels.flip(2))  # every sample, exactly; never flip(3) or flip(4)
+
+    def follows(image, reference):
+        """Correlation of an augmented image with a candidate source: intensity changes are
+        monotone, so the true source correlates near 1 and a wrongly oriented one far less."""
+        a, b = image.flatten() - image.mean(), reference.flatten() - reference.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()))
+
+    for index in range(len(images)):
+        right = follows(out_images[index], images[index].flip(1))
+        wrong = [follows(out_images[index], images[index].flip(d)) for d in (2, 3)] + [
+            follows(out_images[index], images[index])]
+        assert right > 0.95 and right > max(wrong) + 0.1, (index, right, wrong)
+
+    never = dataset.DeviceAugmentation(spatial_prob=0.0, elastic_prob=0.0, flip_prob=0.0)
+    assert torch.equal(never(images, labels, torch.Generator().manual_seed(0))[1], labels)
+
+    half = dataset.DeviceAugmentation(spatial_prob=0.0, elastic_prob=0.0, flip_prob=0.5)
+    out_images, out_labels = half(images, labels, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out_labels[i], labels[i].flip(1)) for i in range(len(labels))]
+    assert all(f or torch.equal(out_labels[i], labels[i]) for i, f in enumerate(flipped))
+    assert 0 < sum(flipped) < len(flipped)  # drawn per sample
+    for index, was_flipped in enumerate(flipped):
+        source = images[index].flip(1) if was_flipped else images[index]
+        other = images[index] if was_flipped else images[index].flip(1)
+        assert follows(out_images[index], source) > follows(out_images[index], other) + 0.1, index
+
+
+def blob_centroids(labels: torch.Tensor, values) -> torch.Tensor:
+    """Centre of mass, in voxels, of each label value in a (X, Y, Z) volume."""
+    centres = []
+    for value in values:
+        points = (labels == value).nonzero().float()
+        assert len(points) > 0, f"label {value} vanished"
+        centres.append(points.mean(0))
+    return torch.stack(centres)
+
+
+def test_device_augmentation_rotation_moves_marked_points_rigidly_about_the_centre():
+    """Rotation alone (no scaling, no elastic field, no flip): distances between four marked
+    points and their distances to the patch centre are kept, and so is a block's volume; the
+    points really move; the image turns with the label."""
+    size = (40, 32, 24)
+    axes = [torch.arange(s, dtype=torch.float32) for s in size]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    label = torch.zeros(size)
+    markers = torch.tensor([[12.0, 10.0, 8.0], [28.0, 11.0, 9.0], [20.0, 23.0, 10.0], [19.0, 15.0, 17.0]])
+    for value, centre in enumerate(markers, start=1):
+        label[((grid - centre[:, None, None, None]) ** 2).sum(0) <= 2.5**2] = value
+    label[14:24, 14:20, 10:14] = 5  # a 10 x 6 x 4 block: 240 voxels
+    labels = torch.stack([label] * 4)[:, None]
+    images = (labels > 0).float() * 0.8 + 0.1
+    centre = torch.tensor([(s - 1) / 2 for s in size])
+    before = blob_centroids(label, range(1, 5))
+    torch.testing.assert_close(before, markers)
+
+    rotate = dataset.DeviceAugmentation(rotate_range=0.5, scale_range=0.0, elastic_prob=0.0, spatial_prob=1.0,
+                                        flip_prob=0.0)
+    out_images, out_labels = rotate(images, labels, torch.Generator().manual_seed(3))
+    moved = 0.0
+    for index in range(len(labels)):
+        after = blob_centroids(out_labels[index, 0], range(1, 5))
+        torch.testing.assert_close(torch.cdist(after, after), torch.cdist(before, before), rtol=0, atol=0.6)
+        torch.testing.assert_close((after - centre).norm(dim=1), (before - centre).norm(dim=1), rtol=0, atol=0.6)
+        volume = int((out_labels[index, 0] == 5).sum())
+        assert abs(volume - 240) <= 0.08 * 240, volume
+        moved = max(moved, float((after - before).norm(dim=1).max()))
+        # bilinear image and nearest label from one grid: the bright voxels are the labelled ones
+        agree = ((out_images[index, 0] > 0.5) == (out_labels[index, 0] > 0)).float().mean()
+        assert float(agree) > 0.97, float(agree)
+    assert moved > 2.0, "the rotation left the markers where they were"
+
+
+def test_device_augmentation_elastic_warp_keeps_label_values():
+    """The elastic field alone, strong: labels are sampled nearest, so neighbours 1 and 5 never
+    blend into a 3 and no value appears that was not there."""
+    size = (24, 20, 16)
+    label = torch.zeros(size)
+    label[2:22, 2:18, 2:14] = 1
+    label[6:18, 5:15, 4:12] = 5  # 5 inside 1: a linear sample on the border would give 2, 3 or 4
+    label[10:14, 8:12, 6:10] = 0
+    labels = torch.stack([label] * 4)[:, None]
+    images = labels / 5
+    warp = dataset.DeviceAugmentation(elastic_prob=1.0, spatial_prob=0.0, flip_prob=0.0, elastic_magnitude=4.0)
+    out_images, out_labels = warp(images, labels, torch.Generator().manual_seed(0))
+    assert out_labels.shape == labels.shape and out_images.shape == images.shape
+    assert set(out_labels.unique().tolist()) <= {0.0, 1.0, 5.0}
+    assert torch.isfinite(out_images).all()
+    for index in range(len(labels)):
+        changed = float((out_labels[index] != labels[index]).float().mean())
+        assert changed > 0.01, f"sample {index}: the warp did not move the labels"
+        assert not torch.equal(out_labels[index], labels[index].flip(1))
+    # Each sample draws its own field.
+    assert not torch.equal(out_labels[0], out_labels[1])
+
+
+def test_device_augmentation_intensity_changes_only_images_within_their_ranges():
+    """Gamma, scale, shift and noise, nothing spatial: labels come back untouched, and each image
+    is out = scale * in**gamma + shift (+ noise) with the MONAI pipeline's ranges, recovered here
+    from blocks of known intensity (0, 0.25, 0.5, 1)."""
+    batch = 64
+    image = torch.zeros(16, 16, 16)
+    levels = (0.0, 0.25, 0.5, 1.0)
+    for block, level in enumerate(levels):
+        image[:, :, 4 * block:4 * block + 4] = level
+    images = torch.stack([image] * batch)[:, None]
+    labels = torch.stack([asymmetric_labels((16, 16, 16))] * batch)[:, None]
+    augment = dataset.DeviceAugmentation(spatial_prob=0.0, elastic_prob=0.0, flip_prob=0.0)
+    out_images, out_labels = augment(images, labels.clone(), torch.Generator().manual_seed(0))
+    assert torch.equal(out_labels, labels)
+
+    gammas, scales, shifts, noisy = [], [], [], []
+    for index in range(batch):
+        blocks = [out_images[index, 0, :, :, 4 * b:4 * b + 4] for b in range(len(levels))]
+        means = [float(b.mean()) for b in blocks]
+        spread = max(float(b.std()) for b in blocks)
+        shift = means[0]
+        scale = means[3] - shift
+        gamma = float(np.log((means[2] - shift) / scale) / np.log(0.5))
+        assert means[1] == pytest.approx(scale * 0.25**gamma + shift, abs=0.006), index
+        assert 0.9 - 0.005 <= scale <= 1.1 + 0.005, (index, scale)
+        assert -0.1 - 0.005 <= shift <= 0.1 + 0.005, (index, shift)
+        assert 0.7 - 0.03 <= gamma <= 1.5 + 0.03, (index, gamma)
+        assert spread < 1e-4 or 0.02 < spread < 0.04, (index, spread)  # no noise, or noise of sd 0.03
+        gammas.append(gamma)
+        scales.append(scale)
+        shifts.append(shift)
+        noisy.append(spread > 1e-4)
+    # Each change is drawn per sample: some samples get it, some do not.
+    for name, changed in (("gamma", [abs(g - 1) > 0.03 for g in gammas]),
+                          ("scale", [abs(s - 1) > 1e-4 for s in scales]),
+                          ("shift", [abs(t) > 1e-4 for t in shifts]), ("noise", noisy)):
+        assert 0 < sum(changed) < batch, name
 
 
 # ----------------------------------------------------------------------------- split

@@ -64,10 +64,30 @@ def test_deep_supervision_only_in_training_mode():
     assert isinstance(output, torch.Tensor) and output.shape == (1, 6, 16, 16, 16)
 
 
-def test_attention_coefficients_lie_in_unit_interval():
+def test_attention_gates_compute_skip_times_alpha_and_return_their_alphas():
+    """Each gate's output is skip * alpha with alpha = sigmoid(to_coefficient(leaky_relu(
+    project_skip(skip) + project_gate(gate)))), recomputed here from the gate's inputs, and the
+    coefficients ``return_attention`` hands out are those of the gates (a1 cropped to the input)."""
     model = seeded_model(channels=SMALL).eval()
+    # Random biases: a freshly made to_coefficient sits near 0 and would hide a wrong sign or offset.
     with torch.no_grad():
-        logits, alphas = model(torch.randn(1, 1, 17, 23, 9) * 3, return_attention=True)
+        for up in (model.dec1, model.dec2, model.dec3, model.dec4):
+            up.attention.to_coefficient.bias.normal_(0, 1)
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            seen[name] = (inputs, output)
+        return hook
+
+    handles = [getattr(model, name).attention.register_forward_hook(keep(name))
+               for name in ("dec1", "dec2", "dec3", "dec4")]
+    try:
+        with torch.no_grad():
+            logits, alphas = model(torch.randn(1, 1, 17, 23, 9) * 3, return_attention=True)
+    finally:
+        for handle in handles:
+            handle.remove()
     assert logits.shape == (1, 6, 17, 23, 9)
     assert len(alphas) == 4
     # a1 is cropped back to the input size; deeper gates stay at their padded resolution
@@ -75,7 +95,48 @@ def test_attention_coefficients_lie_in_unit_interval():
     assert [tuple(a.shape[2:]) for a in alphas[1:]] == [(16, 16, 8), (8, 8, 4), (4, 4, 2)]
     for alpha in alphas:
         assert alpha.shape[1] == 1
-        assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
+
+    for index, name in enumerate(("dec1", "dec2", "dec3", "dec4")):
+        gate_module = getattr(model, name).attention
+        (skip, gate), (gated, alpha) = seen[name]
+        with torch.no_grad():
+            joint = F.leaky_relu(gate_module.project_skip(skip) + gate_module.project_gate(gate), 0.01)
+            expected_alpha = torch.sigmoid(gate_module.to_coefficient(joint))
+        torch.testing.assert_close(alpha, expected_alpha, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(gated, skip * expected_alpha, rtol=1e-5, atol=1e-6, msg=name)
+        # and not trivially: the coefficients vary over the volume
+        assert float(expected_alpha.std()) > 1e-3, name
+        returned = alphas[index]
+        crop = tuple(slice(0, s) for s in returned.shape[2:])
+        torch.testing.assert_close(returned, expected_alpha[(..., *crop)], rtol=0, atol=0, msg=name)
+
+
+def test_closed_attention_gates_cut_the_skip_connections():
+    """With every gate's bias driven very negative (alpha ~ 0), the skip half of each decoder's
+    input carries nothing: the weights that read it no longer change the logits, while with open
+    gates they do. A gate that ignored alpha, or let the skip through another way, fails here."""
+    x = torch.randn(1, 1, 16, 16, 16)
+
+    def logits_after_perturbing_skip_weights(closed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = seeded_model(channels=SMALL).eval()
+        with torch.no_grad():
+            if closed:
+                for up in (model.dec1, model.dec2, model.dec3, model.dec4):
+                    up.attention.to_coefficient.bias.fill_(-1e4)
+            before = model(x)
+            generator = torch.Generator().manual_seed(1)
+            for up in (model.dec1, model.dec2, model.dec3, model.dec4):
+                skip_channels = up.up.out_channels  # the first channels of cat([gated_skip, upsampled])
+                for weight in (up.conv.conv1.weight, up.conv.shortcut[0].weight):
+                    weight[:, :skip_channels] = torch.randn(weight[:, :skip_channels].shape, generator=generator)
+            after = model(x)
+        return before, after
+
+    open_before, open_after = logits_after_perturbing_skip_weights(closed=False)
+    closed_before, closed_after = logits_after_perturbing_skip_weights(closed=True)
+    assert not torch.allclose(open_before, open_after, atol=1e-3), "open gates: the skips should matter"
+    torch.testing.assert_close(closed_after, closed_before, rtol=0, atol=1e-6)
+    assert not torch.allclose(open_before, closed_before, atol=1e-3), "closing the gates changes the output"
 
 
 def test_eval_mode_is_deterministic():
