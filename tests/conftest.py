@@ -8,6 +8,7 @@ need not import this module.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,10 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+
+# One CPU thread per test process (subprocesses inherit it): tiny networks on a shared 2-core
+# machine run many times faster than with competing thread pools spinning against each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the project is a set of scripts, not an installed package
