@@ -227,7 +227,9 @@ def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str]) -> di
     scores = np.array([r["scores"] for r in labelled], dtype=float)[:, 1:]
     dice = np.array([r["dice"] for r in labelled], dtype=float)[:, 1:]
     flagged = np.array([[any(f["organ"] == name for f in r["flags"]) for name in class_names[1:]] for r in labelled])
-    below = dice < np.nanmedian(dice, axis=0, keepdims=True)
+    medians = np.array([np.median(column[np.isfinite(column)]) if np.isfinite(column).any() else np.nan
+                        for column in dice.T])
+    below = dice < medians[None, :]
     return {"voxel_auroc_mean": nan_mean(auroc), "voxel_auroc_min": float(np.nanmin(auroc)) if np.isfinite(auroc).any()
             else None, "organ_score_dice_spearman": rank_correlation(scores, dice),
             "organ_score_dice_spearman_per_class": {name: rank_correlation(scores[:, c], dice[:, c])
