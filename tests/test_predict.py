@@ -639,3 +639,50 @@ def test_report_and_uncertainty_of_a_labelled_run_agree_with_the_files(predicted
     summary = json.loads((out / "summary.json").read_text())
     flagged_rows = {(r["case"], r["class"]) for r in rows if r["flagged"] == "1"}
     assert {(f["case"], f["organ"]) for f in summary["flagged"]} == flagged_rows
+
+
+def test_prediction_on_a_dicom_series_equals_prediction_on_its_nifti(trained, predicted, tmp_path, capsys):
+    """The same test case as an MR series (phantom's writer, files in shuffled names): the NIfTI
+    prediction, the RTSTRUCT read back by an independent reader and the SEG all equal the
+    prediction made from the NIfTI file."""
+    import pydicom
+    from highdicom.seg import segread
+
+    import dicom_io
+
+    case = predicted["cases"][0]
+    source = nib.load(case.image)
+    series_folder = tmp_path / "export" / "MR_series"
+    files = phantom.write_dicom_series(np.asanyarray(source.dataobj).astype(np.float32), source.affine, series_folder,
+                                       "Phantom_005", "T2 phantom")
+    for number, file in enumerate(sorted(files, reverse=True)):  # names no longer follow the slice order
+        Path(file).rename(series_folder / f"img{(number * 7) % len(files):04d}.dcm")
+    out = tmp_path / "out"
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["run"] / "best.pt"), "--input",
+                                               str(series_folder.parent), "--out", str(out), "--device", "cpu",
+                                               "--no-figures", "--output-format", "nifti", "rtstruct", "seg"], capsys)
+    assert code == 0, stdout + stderr
+    reference = np.asanyarray(nib.load(predicted["out"] / f"{case.case_id}_pred.nii.gz").dataobj)
+    from_dicom = nib.load(out / "MR_series_pred.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(from_dicom.dataobj), reference)
+    np.testing.assert_allclose(from_dicom.affine, source.affine, atol=1e-4)
+    series = dicom_io.find_series(series_folder.parent)[0]
+    rtstruct = pydicom.dcmread(out / "MR_series_rtstruct.dcm")
+    assert rtstruct.FrameOfReferenceUID == series.frame_of_reference_uid
+    masks = dicom_io.read_rtstruct_masks(out / "MR_series_rtstruct.dcm", series)
+    for c, name in enumerate(CLASS_NAMES[2:], start=2):  # the body ROI is the outline, checked in test_dicom
+        np.testing.assert_array_equal(masks[name], reference == c, err_msg=name)
+    segmentation = segread(out / "MR_series_seg.dcm")
+    assert segmentation.SeriesInstanceUID != series.series_uid  # its own series, referring to the MR one
+    assert segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
+
+
+def test_rtstruct_for_a_nifti_input_is_a_one_line_error(trained, predicted, tmp_path, capsys):
+    case = predicted["cases"][0]
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["run"] / "best.pt"), "--input", case.image,
+                                               "--out", str(tmp_path / "out"), "--device", "cpu",
+                                               "--output-format", "rtstruct"], capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "DICOM" in lines[0]
+    assert not (tmp_path / "out").exists()
