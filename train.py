@@ -328,8 +328,10 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self.requested:
+            if signum == signal.SIGINT:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            return  # a SIGTERM again (torchrun forwards the one the process group already got): same stop
         self.requested = True
         print(f"\n{signal.Signals(signum).name} received: stopping after this step.", file=sys.stderr, flush=True)
 
