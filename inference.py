@@ -101,8 +101,10 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size:
 
 # ----------------------------------------------------------------------------- ensembles
 
-# Settings that decide what the network sees and says; ensemble members must agree on all of them.
-PREPROCESSING_KEYS = ("spacing", "class_names")
+# Ensemble members must predict the same classes on one grid. Spacings within 2 % (folds whose
+# spacing came from their own training patients' median) are one grid: the ensemble runs at the
+# first member's, a scale difference far inside training's +-10 % scale augmentation.
+SPACING_TOLERANCE = 0.02
 
 
 @dataclass
@@ -137,11 +139,15 @@ def load_members(paths: Sequence[str | Path]) -> list[Member]:
                               state.get("split")))
     reference = members[0]
     for member in members[1:]:
-        for key in PREPROCESSING_KEYS:
-            if member.config.get(key) != reference.config.get(key):
-                raise CheckpointError(f"{member.path}: {key} {member.config.get(key)} differs from "
-                                      f"{reference.path}'s {reference.config.get(key)}; models of one ensemble "
-                                      "must share classes and preprocessing")
+        if member.config["class_names"] != reference.config["class_names"]:
+            raise CheckpointError(f"{member.path}: class_names {member.config['class_names']} differ from "
+                                  f"{reference.path}'s {reference.config['class_names']}; models of one ensemble "
+                                  "must share classes and preprocessing")
+        spacing, reference_spacing = np.asarray(member.config["spacing"]), np.asarray(reference.config["spacing"])
+        if np.any(np.abs(spacing - reference_spacing) > SPACING_TOLERANCE * reference_spacing):
+            raise CheckpointError(f"{member.path}: spacing {member.config['spacing']} mm differs from "
+                                  f"{reference.path}'s {reference.config['spacing']} mm by more than "
+                                  f"{SPACING_TOLERANCE:.0%}; models of one ensemble must share classes and preprocessing")
     return members
 
 

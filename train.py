@@ -439,7 +439,10 @@ def setup_data(args: argparse.Namespace, context: Context, run_dir: Path, resume
     if not train_cases or not val_cases:
         raise DataError(f"{data_root}: the split leaves no training or no validation volumes")
     if not resumed:
-        args.spacing, args.spacing_source = choose_spacing(train_cases, args.spacing, args.spatial_size)
+        # With folds the spacing comes from all non-test patients, so every fold resamples to the
+        # same grid and the folds can be ensembled; without, from the training patients.
+        spacing_cases = train_cases + val_cases if args.folds else train_cases
+        args.spacing, args.spacing_source = choose_spacing(spacing_cases, args.spacing, args.spatial_size)
 
     show_progress = context.is_main and sys.stderr.isatty()
     cache_workers = min(args.workers, 4) if args.workers > 0 else 1
