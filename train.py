@@ -443,6 +443,8 @@ def setup_data(args: argparse.Namespace, context: Context, run_dir: Path, resume
         # same grid and the folds can be ensembled; without, from the training patients.
         spacing_cases = train_cases + val_cases if args.folds else train_cases
         args.spacing, args.spacing_source = choose_spacing(spacing_cases, args.spacing, args.spatial_size)
+        if args.folds:
+            args.spacing_source = args.spacing_source.replace("training", "non-test (all folds)")
 
     show_progress = context.is_main and sys.stderr.isatty()
     cache_workers = min(args.workers, 4) if args.workers > 0 else 1
