@@ -145,12 +145,12 @@ def review_rule_for(members, class_names: Sequence[str]) -> dict | None:
     return rule
 
 
-def predict_case(case: Case, transform, ensemble: Ensemble, args, postprocessing: dict, rule: dict | None,
+def predict_case(case: Case, transform, ensemble: Ensemble, roi_size, args, postprocessing: dict, rule: dict | None,
                  class_names: Sequence[str], out: Path) -> dict:
     """One case: prediction and uncertainty NIfTIs on the source grid, per-organ figures, flags."""
     num_classes = len(class_names)
     item = transform(case.as_dict())
-    probabilities = ensemble.probabilities(item["image"][None], ensemble_roi(ensemble), args.overlap, args.tta)[0]
+    probabilities = ensemble.probabilities(item["image"][None], roi_size, args.overlap, args.tta)[0]
     source_probabilities = to_source_grid(probabilities, item["image"])
     labels = apply_postprocessing(labels_from_probabilities(source_probabilities), postprocessing, class_names)
     entropy = normalised_entropy(source_probabilities).numpy()
@@ -239,10 +239,6 @@ def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str]) -> di
             "unflagged_organs_below_median_dice": int((~flagged & below).sum())}
 
 
-def ensemble_roi(ensemble: Ensemble):
-    return ensemble.members[0].config.get("roi_size")
-
-
 def main(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     members = load_members(args.checkpoint)
@@ -280,7 +276,7 @@ def main(args: argparse.Namespace) -> dict:
 
     results = []
     for case in cases:
-        results.append(predict_case(case, transform, ensemble, args, postprocessing, rule, class_names, out))
+        results.append(predict_case(case, transform, ensemble, roi_size, args, postprocessing, rule, class_names, out))
         if case.case_id in series_by_case:
             write_dicom_outputs(results[-1]["labels"], series_by_case[case.case_id], args.output_format, class_names, out,
                                 results[-1]["report"])

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -572,7 +573,7 @@ def validate(args, context: Context, model: Model, data: Data, final: bool = Fal
         record = {"case": data.val_cases[index].case_id, "loss": float(loss),
                   "dice": dice_per_class(prediction, target, num_classes).tolist()}
         if final:
-            spacing = load_source(data.val_cases[index].image)[1].header.get_zooms()[:3]
+            spacing = nib.load(data.val_cases[index].image).header.get_zooms()[:3]  # the header only
             record["figures"] = volume_figures(prediction, target, num_classes, spacing)
             entropy = normalised_entropy(source_probabilities).numpy()
             record["uncertainty"] = organ_uncertainty(entropy, prediction, num_classes).tolist()
