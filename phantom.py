@@ -539,7 +539,6 @@ def write_dicom_series(image, affine, folder, patient_id, series_description, ui
     RescaleIntercept. UIDs derive from ``uid_entropy`` (e.g. seed and case id), so equal inputs
     give equal files; without it they are random. Returns the written paths in slice order.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
     from pydicom.valuerep import format_number_as_ds

@@ -13,7 +13,7 @@ import predict
 import train
 from checkpoint import CheckpointError, save_checkpoint
 from cli import run_cli
-from dataset import DataError, Case, find_cases, load_or_make_split, make_folds, preprocessing, split_patients
+from dataset import DataError, Case, load_or_make_split, make_folds, split_patients
 from inference import Ensemble, Member, decide_postprocessing, keep_largest_component, load_members, volume_figures
 from modules import ImprovedUNet3D
 
