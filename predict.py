@@ -24,7 +24,7 @@ from inference import (Ensemble, apply_postprocessing, autocast_dtype, decide_po
 from metrics import (dice_per_class, hd95_per_class, json_ready, misses_per_class, nan_mean, print_table, summarise,
                      write_rows)
 from report import write_report
-from uncertainty import (fit_flag_thresholds, flag_case, normalised_entropy, organ_uncertainty, rank_correlation,
+from uncertainty import (fit_from_volumes, flag_case, normalised_entropy, organ_uncertainty, rank_correlation,
                          voxel_error_auroc, write_uncertainty)
 
 
@@ -105,22 +105,31 @@ def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: S
                         "pass --overwrite or choose another --out")
 
 
-def postprocessing_for(members, class_names: Sequence[str], skip: bool) -> dict:
-    """The largest-component decision, made afresh from the validation figures of every member's
-    run (postprocessing.json): one model uses its own validation patients, an ensemble of folds
-    the pooled validation patients of all its folds, as nnU-Net does."""
-    if skip:
-        return {"largest_component": [], "source": "skipped with --no-postprocessing"}
+def pooled_validation_volumes(members, name: str) -> tuple[list[dict] | None, list[str]]:
+    """The per-volume validation records that every member's run stored in ``name``, pooled (one
+    model: its own validation patients; an ensemble of folds: all of theirs, as nnU-Net does), and
+    the files read. None where a member's run has no such file."""
     volumes, files = [], []
     for member in members:
-        path = member.run_dir / "postprocessing.json"
+        path = member.run_dir / name
         if not path.is_file():
-            return {"largest_component": [], "source": f"none: {path} does not exist"}
+            return None, [str(path)]
         try:
             volumes += json.loads(path.read_text())["volumes"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{path}: not a valid post-processing file ({error})") from None
+            raise CheckpointError(f"{path}: not a valid {name} of a training run ({error})") from None
         files.append(str(path))
+    return volumes, files
+
+
+def postprocessing_for(members, class_names: Sequence[str], skip: bool) -> dict:
+    """The largest-component decision, made afresh from the pooled validation figures
+    (postprocessing.json)."""
+    if skip:
+        return {"largest_component": [], "source": "skipped with --no-postprocessing"}
+    volumes, files = pooled_validation_volumes(members, "postprocessing.json")
+    if volumes is None:
+        return {"largest_component": [], "source": f"none: {files[0]} does not exist"}
     decision = decide_postprocessing(volumes, class_names)
     decision["source"] = files
     return decision
@@ -128,20 +137,12 @@ def postprocessing_for(members, class_names: Sequence[str], skip: bool) -> dict:
 
 def review_rule_for(members, class_names: Sequence[str]) -> dict | None:
     """The uncertainty thresholds that flag a case for review, refitted on the pooled validation
-    volumes of every member's run (uncertainty.json); None where a member's run has none."""
-    volumes = []
-    for member in members:
-        path = member.run_dir / "uncertainty.json"
-        if not path.is_file():
-            return None
-        try:
-            volumes += json.loads(path.read_text())["volumes"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{path}: not a valid uncertainty file ({error})") from None
-    scores = np.array([v["uncertainty"] for v in volumes], dtype=float).reshape(-1, len(class_names))
-    dice = np.array([v["dice"] for v in volumes], dtype=float).reshape(-1, len(class_names))
-    rule = fit_flag_thresholds(scores, dice, class_names)
-    rule["source"] = [str(m.run_dir / "uncertainty.json") for m in members]
+    volumes (uncertainty.json); None where a member's run has none."""
+    volumes, files = pooled_validation_volumes(members, "uncertainty.json")
+    if volumes is None:
+        return None
+    rule = fit_from_volumes(volumes, class_names)
+    rule["source"] = files
     return rule
 
 

@@ -45,7 +45,7 @@ from inference import (autocast_dtype, decide_postprocessing, labels_from_probab
                        out_of_memory_message, predict_probabilities, resolve_device, to_source_grid, volume_figures)
 from metrics import dice_from_counts, dice_per_class, format_value, json_ready, nan_mean, overlap_counts
 from modules import ImprovedUNet3D, count_parameters
-from uncertainty import fit_flag_thresholds, normalised_entropy, organ_uncertainty
+from uncertainty import fit_from_volumes, normalised_entropy, organ_uncertainty
 
 DEFAULT_PHANTOM = Path("data/phantom")
 # Settings a resumed run may take from the new command line: where things are and how to run,
@@ -700,9 +700,7 @@ def write_review_rule(path: Path, volumes: list[dict], class_names: list[str]) -
     """The uncertainty thresholds that flag a case for review, fitted on the validation volumes,
     stored with the per-volume scores and Dice behind them (so an ensemble can refit on the pooled
     validation volumes of all its members)."""
-    scores = np.array([v["uncertainty"] for v in volumes], dtype=float).reshape(-1, len(class_names))
-    dice = np.array([v["dice"] for v in volumes], dtype=float).reshape(-1, len(class_names))
-    rule = fit_flag_thresholds(scores, dice, class_names)
+    rule = fit_from_volumes(volumes, class_names)
     rule["volumes"] = [{"case": v["case"], "uncertainty": v["uncertainty"], "dice": v["dice"]} for v in volumes]
     path.write_text(json.dumps(json_ready(rule), indent=2) + "\n")
 

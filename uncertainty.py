@@ -175,6 +175,14 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
             "n_cases": int(scores.shape[0]), "organs": organs}
 
 
+def fit_from_volumes(volumes: Sequence[dict], class_names: Sequence[str]) -> dict:
+    """``fit_flag_thresholds`` on validation volume records ``{"uncertainty": [C], "dice": [C]}``
+    (as training stores them in uncertainty.json; null for NaN)."""
+    scores = np.array([v["uncertainty"] for v in volumes], dtype=float).reshape(-1, len(class_names))
+    dice = np.array([v["dice"] for v in volumes], dtype=float).reshape(-1, len(class_names))
+    return fit_flag_thresholds(scores, dice, class_names)
+
+
 def _youden_threshold(organ_scores: np.ndarray, poor: np.ndarray) -> float | None:
     if (poor.size < MIN_CASES_FOR_FIT or poor.sum() < MIN_CASES_PER_GROUP
             or (~poor).sum() < MIN_CASES_PER_GROUP):
