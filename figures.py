@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 CLASS_COLOURS = ["#00000000", "#f4a582", "#e6c229", "#4393c3", "#1b9e77", "#d6604d"]
@@ -158,39 +159,124 @@ def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Pa
     plt.close(fig)
 
 
+ENTROPY_SHOWN_FROM = 0.02  # normalised entropy below this is drawn as the grey image: certain
+
+
+def uncertainty_slice(entropy: np.ndarray, prediction: np.ndarray | None = None,
+                      num_classes: int | None = None) -> tuple[int, int | None, float | None]:
+    """The axial slice the uncertainty figure shows, for arrays whose third axis is axial:
+    ``(z, organ, score)``.
+
+    With ``prediction``: the foreground organ with the highest ``uncertainty.organ_uncertainty``
+    score (the one a reviewer should look at first), and among the slices through its predicted
+    mask the one holding the most entropy on the organ's boundary band, where that score comes
+    from (summed, so a full cut through the organ beats a two-voxel tip). The first and last
+    slices are skipped when the organ reaches others: there the body runs out of the field of
+    view and the network sees padding, so their entropy says little about any contour. Where the
+    band holds no entropy at all, the organ's centre slice. Without ``prediction`` (or with no
+    foreground predicted): the slice with the largest summed entropy, organ and score None.
+    """
+    entropy = np.asarray(entropy, dtype=np.float64)
+    if prediction is not None:
+        from uncertainty import organ_uncertainty  # torch only when a prediction is shown
+
+        prediction = np.asarray(prediction)
+        num_classes = int(prediction.max()) + 1 if num_classes is None else num_classes
+        scores = organ_uncertainty(entropy, prediction, num_classes)
+        if np.isfinite(scores[1:]).any():
+            organ = int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)[1:])) + 1
+            mask = prediction == organ
+            band = _boundary_band(mask)
+            present = np.flatnonzero(mask.any(axis=(0, 1)))
+            interior = present[(present > 0) & (present < mask.shape[2] - 1)]
+            candidates = interior if interior.size else present
+            per_slice = np.where(band, entropy, 0.0).sum(axis=(0, 1))[candidates]
+            if per_slice.max() > 0:
+                z = int(candidates[per_slice.argmax()])
+            else:
+                centre = np.argwhere(mask)[:, 2].mean()
+                z = int(candidates[np.abs(candidates - centre).argmin()])
+            return z, organ, float(scores[organ])
+    return int(entropy.sum(axis=(0, 1)).argmax()), None, None
+
+
+def _boundary_band(mask: np.ndarray) -> np.ndarray:
+    """The voxels within one voxel (6-connected) of the mask's contour, inside and outside; the
+    array's edge is not a contour (as in ``uncertainty.organ_uncertainty``)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 1)
+    return ndimage.binary_dilation(mask, structure) & ~ndimage.binary_erosion(mask, structure, border_value=1)
+
+
+def entropy_cmap() -> ListedColormap:
+    """Inferno without its near-black start, which would read as dark anatomy on the grey image;
+    values below the shown range (``set_under``) are the grey of the image under them."""
+    return ListedColormap(plt.cm.inferno(np.linspace(0.15, 1.0, 256)), name="entropy").with_extremes(
+        under="#8c8c8c", bad=(0, 0, 0, 0))
+
+
+def _in_plane_box(prediction: np.ndarray | None, shape, margin: int = 4) -> tuple[slice, slice]:
+    """Rows and columns of the axial slice around the predicted body, a few voxels wider."""
+    if prediction is None or not (prediction > 0).any():
+        return slice(None), slice(None)
+    xs, ys = np.flatnonzero((prediction > 0).any(axis=(1, 2))), np.flatnonzero((prediction > 0).any(axis=(0, 2)))
+    return (slice(max(int(ys[0]) - margin, 0), min(int(ys[-1]) + margin + 1, shape[1])),
+            slice(max(int(xs[0]) - margin, 0), min(int(xs[-1]) + margin + 1, shape[0])))
+
+
 def save_uncertainty_figure(image: np.ndarray, entropy: np.ndarray, affine: np.ndarray, path: Path,
                             prediction: np.ndarray | None = None, class_names: Sequence[str] | None = None,
                             title: str | None = None) -> int:
-    """The axial slice with the most uncertainty (largest summed entropy): the image with the
-    normalised entropy ``(X, Y, Z)`` in [0, 1] over it and a colour bar, and, when ``prediction``
-    and ``class_names`` are given, the predicted labels beside it on the same slice so the
-    reviewer sees which contour the uncertainty belongs to. Returns the slice's index in the
-    LPS-reoriented volume (the ``z=`` in the panel titles)."""
+    """The axial slice through the most uncertain organ (``uncertainty_slice``), cropped to the
+    predicted body: the predicted labels on the image, and beside them the normalised entropy
+    ``(X, Y, Z)`` in [0, 1] over the image in grey with that organ's predicted contour, so the
+    reviewer sees which contour the uncertainty belongs to. Entropy below ``ENTROPY_SHOWN_FROM``
+    is not drawn (the colour bar's grey end says so). Without ``prediction`` and ``class_names``:
+    the entropy panel alone, on the slice with the largest summed entropy. Returns the slice's
+    index in the LPS-reoriented volume (the ``z=`` in the panel titles)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = to_lps(np.asarray(image, dtype=np.float32), affine)
     entropy = to_lps(np.asarray(entropy, dtype=np.float32), affine)
     low, high = np.percentile(image, [0.5, 99.5])
     image = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
-    z = int(entropy.sum(axis=(0, 1)).argmax())
     show_labels = prediction is not None and class_names is not None
+    labels = to_lps(np.asarray(prediction), affine) if show_labels else None
+    z, organ, score = uncertainty_slice(entropy, labels, len(class_names) if show_labels else None)
+    rows, columns = _in_plane_box(labels, image.shape)
 
-    fig, axes = plt.subplots(1, 2 if show_labels else 1, figsize=(8.4 if show_labels else 4.6, 4.0), squeeze=False)
+    def crop(volume):
+        return axial(volume, z)[rows, columns]
+
+    fig, axes = plt.subplots(1, 2 if show_labels else 1, figsize=(9.2 if show_labels else 5.0, 4.4), squeeze=False)
+    handles = []
     if show_labels:
-        show_overlay(axes[0, 0], axial(image, z), axial(to_lps(prediction, affine), z), len(class_names),
-                     f"prediction (z={z})")
-        fig.legend(handles=legend_handles(class_names), loc="lower center", ncol=len(class_names) - 1, fontsize=8)
+        show_overlay(axes[0, 0], crop(image), crop(labels), len(class_names), f"prediction (z={z})")
+        handles = legend_handles(class_names)
     ax = axes[0, -1]
-    ax.imshow(axial(image, z), cmap="gray", interpolation="nearest")
-    # near-zero entropy left transparent: the confident anatomy stays visible under the map
-    heat = ax.imshow(np.ma.masked_less(axial(entropy, z), 0.02), cmap="inferno", vmin=0, vmax=1, alpha=0.8,
-                     interpolation="nearest")
-    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, label="normalised entropy")
-    ax.set_title(f"uncertainty (z={z})", fontsize=9)
+    # the image dimmed to mid grey, so no anatomy is as bright as the top of the colour scale
+    ax.imshow(crop(image), cmap="gray", vmin=0, vmax=1 / 0.6, interpolation="nearest")
+    shown = np.ma.masked_less(crop(entropy), ENTROPY_SHOWN_FROM)
+    heat = ax.imshow(shown, cmap=entropy_cmap(), vmin=ENTROPY_SHOWN_FROM, vmax=1, interpolation="nearest")
+    bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, extend="min", extendfrac=0.06)
+    bar.set_label(f"normalised entropy\n(grey: below {ENTROPY_SHOWN_FROM:g}, not drawn)", fontsize=8)
+    if organ is not None:
+        contour_mask = crop(labels) == organ
+        if contour_mask.any() and not contour_mask.all():
+            ax.contour(contour_mask, levels=[0.5], colors="#00e5ff", linewidths=0.9)
+        handles.append(Line2D([], [], color="#00e5ff", linewidth=1.5,
+                              label=f"predicted {class_names[organ]} (most uncertain, {score:.3f})"))
+        ax.set_title(f"uncertainty (z={z}) through {class_names[organ]}", fontsize=9)
+    else:
+        ax.set_title(f"uncertainty (z={z})", fontsize=9)
     ax.axis("off")
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 if show_labels else 0, 1, 0.95 if title else 1))
+    bottom = (0.12 if len(handles) > 4 else 0.07) if handles else 0
+    fig.tight_layout(rect=(0, bottom, 1, 0.95 if title else 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return z
