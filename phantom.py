@@ -11,6 +11,7 @@ set-up and scanner effects, as in repeated radiotherapy scans.
 
     python phantom.py --out data/phantom --patients 10 --weeks 3
     python phantom.py --preview docs/phantom.png
+    python phantom.py --dicom --out data/phantom_dicom --patients 1 --weeks 1
 """
 import argparse
 import gzip
@@ -21,6 +22,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from progress import progress
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
 BASE_SHAPE = (256, 256, 128)
@@ -54,8 +57,21 @@ TEXTURE_OF_TISSUE = np.array([row[3] for row in TISSUE_TABLE], dtype=np.float32)
 SOFT_TISSUE = (Tissue.FAT, Tissue.PELVIC_FAT, Tissue.MUSCLE)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help, written as it would be typed (``256 256 128``, not a
+    Python list); flags off or unset by default say nothing. The description's examples keep
+    their lines."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if not action.option_strings or default is None or default is False or default is argparse.SUPPRESS:
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{action.help} (default: {shown.replace('%', '%%')})"
+
+
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder; gets semantic_MRs_anon/ and semantic_labels_anon/")
     parser.add_argument("--patients", type=int, default=10,
@@ -75,10 +91,12 @@ def get_args(argv=None):
                         help="also write each case as a DICOM MR series in --out/dicom/<case id>/, its voxels at "
                         "the same patient positions as in the NIfTI (for trying the DICOM input of predict.py)")
     args = parser.parse_args(argv)
-    if args.out is None and args.preview is None:
-        parser.error("give --out, --preview or both")
     if args.dicom and args.out is None:
-        parser.error("--dicom writes under --out: give --out")
+        parser.error("--dicom writes the cases as NIfTI and as DICOM series under --out; for example: "
+                     "python phantom.py --dicom --out data/phantom_dicom --patients 1 --weeks 1")
+    if args.out is None and args.preview is None:
+        parser.error("nothing to write: give --out DIR, --preview PNG or both; for example: "
+                     "python phantom.py --out data/phantom")
     return args
 
 
@@ -472,30 +490,28 @@ def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
     pairs = []
-    for patient_id in range(first_patient_id, first_patient_id + patients):
-        for week in range(weeks):
-            image, label, affine = make_case(patient_id, week, shape, seed)
-            if tuple(fov) != (1.0, 1.0, 1.0):
-                image, label, affine = crop_field_of_view(image, label, affine, fov)
-            image_path = image_dir / f"Case_{patient_id:03d}_Week{week}_LFOV.nii.gz"
-            label_path = label_dir / f"Case_{patient_id:03d}_Week{week}_SEMANTIC_LFOV.nii.gz"
-            save_nifti(image, affine, image_path, units="mm")
-            save_nifti(label, affine, label_path)  # HipMRI labels leave the units 'unknown' too
-            pairs.append((image_path, label_path))
+    cases = [(patient_id, week) for patient_id in range(first_patient_id, first_patient_id + patients)
+             for week in range(weeks)]
+    for patient_id, week in progress(cases, "phantom"):
+        image, label, affine = make_case(patient_id, week, shape, seed)
+        if tuple(fov) != (1.0, 1.0, 1.0):
+            image, label, affine = crop_field_of_view(image, label, affine, fov)
+        image_path = image_dir / f"Case_{patient_id:03d}_Week{week}_LFOV.nii.gz"
+        label_path = label_dir / f"Case_{patient_id:03d}_Week{week}_SEMANTIC_LFOV.nii.gz"
+        save_nifti(image, affine, image_path, units="mm")
+        save_nifti(label, affine, label_path)  # HipMRI labels leave the units 'unknown' too
+        pairs.append((image_path, label_path))
     return pairs
 
 
-CLASS_COLOURS = ("black", "tab:green", "gold", "deepskyblue", "orangered", "magenta")
+PREVIEW_ALPHA = 0.45
 
 
 def save_preview(image, label, path, spacing=BASE_SPACING):
     """Axial, coronal and sagittal slices through the prostate centre, plain and with labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
+
+    from figures import class_colours, legend_handles, overlay_cmap  # the results' palette; sets the Agg backend
 
     centre = label == 5 if (label == 5).any() else label > 0
     cx, cy, cz = (int(round(c)) for c in ndimage.center_of_mass(centre))
@@ -507,7 +523,7 @@ def save_preview(image, label, path, spacing=BASE_SPACING):
     ]
     heights = [picture.shape[0] * dy / (picture.shape[1] * dx) for _, picture, _, dy, dx in views]
     figure, grid = plt.subplots(3, 2, figsize=(10, 10.5), gridspec_kw={"height_ratios": heights})
-    overlay_colours = ListedColormap(CLASS_COLOURS)
+    colours = class_colours(len(CLASS_NAMES))
     high = np.percentile(image, 99.5)
     for row, (title, picture, labels, dy, dx) in enumerate(views):
         for column in range(2):
@@ -515,14 +531,15 @@ def save_preview(image, label, path, spacing=BASE_SPACING):
             ax.imshow(picture, cmap="gray", vmin=0, vmax=high, aspect=dy / dx, interpolation="nearest")
             if column == 1:
                 shown = np.ma.masked_where(labels < 2, labels)  # body would hide everything: outline it instead
-                ax.imshow(shown, cmap=overlay_colours, vmin=0, vmax=5, alpha=0.45, aspect=dy / dx,
-                          interpolation="nearest")
-                ax.contour(labels > 0, levels=[0.5], colors=CLASS_COLOURS[1], linewidths=0.8)
+                ax.imshow(shown, cmap=overlay_cmap(len(CLASS_NAMES)), vmin=0, vmax=len(CLASS_NAMES) - 1,
+                          alpha=PREVIEW_ALPHA, aspect=dy / dx, interpolation="nearest")
+                ax.contour(labels > 0, levels=[0.5], colors=colours[1], linewidths=0.8)
             ax.set_title(title if column == 0 else "labels", fontsize=10)
             ax.axis("off")
-    handles = [Patch(color=colour, label=f"{value} {name}")
-               for value, (name, colour) in enumerate(zip(CLASS_NAMES, CLASS_COLOURS))]
-    figure.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    handles = legend_handles([f"{value} {name}" for value, name in enumerate(CLASS_NAMES)])
+    handles[0].set_facecolor("none")  # body: outlined, not filled
+    handles[0].set_edgecolor(colours[1])
+    figure.legend(handles=handles, loc="lower center", ncol=5, frameon=False)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
@@ -613,7 +630,7 @@ def main(args):
                               tuple(args.fov))
         written.append(f"{len(pairs)} image/label pairs of shape {shape} to {args.out}")
         if args.dicom:  # from the written NIfTI, so the series has exactly its geometry
-            for image_path, _ in pairs:
+            for image_path, _ in progress(pairs, "phantom DICOM"):
                 nifti = nib.load(image_path)
                 case_id = image_path.name.replace("_LFOV.nii.gz", "")
                 write_dicom_series(nifti.get_fdata(dtype=np.float32), nifti.affine, args.out / "dicom" / case_id,
