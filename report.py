@@ -1,17 +1,21 @@
 """report.html: one page that shows a whole prediction run at a glance, for the person who checks
 every automatic contour before it is used.
 
-The page is self-contained: inline CSS, no JavaScript, no network; figures are relative links to
-the PNG files beside it, so the output folder can be copied and opened from disk in any browser.
-Cases are listed worst first (lowest mean foreground Dice with labels, highest organ uncertainty
-without), each with its figures, per-organ numbers, review flag and the paths of its outputs.
+The page is self-contained: inline CSS, no JavaScript, no network, and its figures embedded as
+base64 data URIs, so report.html alone (mailed, or copied out of the output folder) still shows
+every figure; a click on a figure enlarges it (a CSS-only toggle). The NIfTI and DICOM outputs
+are relative links, which work while the page sits in its output folder. Cases are listed worst
+first (lowest mean foreground Dice with labels, highest organ uncertainty without), each with its
+figures, per-organ numbers, review flag and the paths of its outputs.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 import math
+import mimetypes
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +64,11 @@ td.flagged { background: #fddbc7; font-weight: 700; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 6px; }
 figure { margin: 0; text-align: center; font-size: 11px; color: #555; }
 img.thumb { height: 130px; width: auto; max-width: 100%; border: 1px solid #ccc; }
+label.zoom { display: block; cursor: zoom-in; }
+label.zoom input { display: none; }
+label.zoom input:checked + img.thumb { position: fixed; inset: 0; margin: auto; z-index: 10; width: auto;
+  height: auto; max-width: 96vw; max-height: 96vh; border: 1px solid #888; background: #fff; cursor: zoom-out;
+  box-shadow: 0 0 0 100vmax rgba(0, 0, 0, 0.6); }
 .note { color: #555; font-size: 12px; }
 @media (max-width: 1000px) {
   table.cases > tbody > tr.case > td { display: block; width: auto; border-top: none; }
@@ -78,7 +87,9 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
          "prediction_path": str | Path,          # the labels NIfTI; absolute, or relative to out_dir
          "uncertainty_path": str | Path | None,  # the entropy NIfTI
          "image_path": str | Path | None,        # the source image
-         "figures": [str | Path, ...],           # PNG files, relative to out_dir, shown as thumbnails
+         "rtstruct_path": str | Path,             # optional: the RT Structure Set (DICOM input only)
+         "seg_path": str | Path,                  # optional: the DICOM Segmentation (DICOM input only)
+         "figures": [str | Path, ...],           # PNG files, relative to out_dir, embedded as thumbnails
          "metrics": {class_name: {"pred_volume_ml": float, "uncertainty": float | None,
                                   "gt_volume_ml": float, "dice": float, "hd95": float}},  # last 3 with labels
          "flags": [...]}                          # uncertainty.flag_case's list; empty: no flag
@@ -92,7 +103,8 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
     or None for a run without labels. Statistics it lacks are computed from ``cases`` the same
     way (mean and population std over finite values; a miss is an organ with a true volume but no
     predicted one, or the reverse). ``run_figures``: PNG files (relative to out_dir) for the
-    whole run, e.g. the Dice box plot.
+    whole run, e.g. the Dice box plot. Figures are embedded (the page grows by about 4/3 of their
+    bytes); output files are linked.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +177,7 @@ def _overview(out_dir: Path, cases, summary, has_labels, anchors) -> list[str]:
         lines.append("<p>Files: " + " · ".join(_link(out_dir, name, name) for name in present) + "</p>")
     lines.append(f'<p class="note">Numbers are rounded for reading; hover over one for the value as '
                  f'metrics.csv writes it. {MISSING} means not defined (organ absent, or no labels). '
-                 f'Thumbnails open full size.</p>')
+                 f'Click a figure to enlarge it, and again to close it.</p>')
     return lines
 
 
@@ -215,6 +227,7 @@ def _case_table(out_dir, cases, foreground, colours, has_labels, anchors) -> lis
         info.append(f'<br>largest organ uncertainty <span data-metric="largest_uncertainty" '
                     f'title="{_exact(score)}">{_rounded(score, "uncertainty")}</span>')
         outputs = [("prediction", case.get("prediction_path")), ("uncertainty", case.get("uncertainty_path")),
+                   ("RTSTRUCT", case.get("rtstruct_path")), ("DICOM-SEG", case.get("seg_path")),
                    ("image", case.get("image_path"))]
         info.append('<ul class="paths">' + "".join(f"<li>{label}: {_link(out_dir, path, str(path))}</li>"
                                                     for label, path in outputs if path) + "</ul>")
@@ -335,12 +348,16 @@ def _link(out_dir: Path, path: str | Path, text: str) -> str:
 
 
 def _thumbnail(out_dir: Path, figure: str | Path, case_id: str) -> str:
-    href, exists = _href(out_dir, figure)
+    """The figure embedded as a data URI inside a label whose hidden checkbox enlarges it."""
+    target = Path(figure) if Path(figure).is_absolute() else out_dir / figure
     caption = Path(figure).stem
     if case_id and caption.startswith(case_id):
         caption = caption[len(case_id):].lstrip("_-") or caption
-    if not exists:
+    if not target.is_file():
         log.warning("report: figure %s does not exist; left out", figure)
         return f"<figure>{_text(caption)} (missing)</figure>"
-    return (f'<figure><a href="{_text(href)}"><img class="thumb" src="{_text(href)}" alt="{_text(caption)}" '
-            f'loading="lazy"></a><figcaption>{_text(caption.replace("_", " "))}</figcaption></figure>')
+    mime = mimetypes.guess_type(target.name)[0] or "image/png"
+    data = base64.b64encode(target.read_bytes()).decode("ascii")
+    return (f'<figure><label class="zoom" title="click to enlarge, click again to close"><input type="checkbox">'
+            f'<img class="thumb" src="data:{mime};base64,{data}" alt="{_text(caption)}"></label>'
+            f'<figcaption>{_text(caption.replace("_", " "))}</figcaption></figure>')

@@ -1,6 +1,6 @@
 """report.py: report.html parses with the standard library's html.parser, is self-contained (every
-image and file it references exists in or beside the output folder, nothing on the network, no
-script), lists cases worst first, and shows the very numbers of metrics.csv and summary.json
+image embedded as a PNG data URI, so the page copied alone still shows them; every file it links
+exists in or beside the output folder; nothing on the network, no script), lists cases worst first, and shows the very numbers of metrics.csv and summary.json
 (each number's tooltip is the file's value; its text the same number rounded). A run without
 labels still gets a report with volumes and uncertainty.
 
@@ -10,9 +10,11 @@ metrics.csv written with predict's number format (``f"{v:.6g}"``).
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import math
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -41,8 +43,9 @@ FLAGS = {"Case_005_Week1": [{"organ": "bladder", "score": 0.4123456, "threshold"
 # ----------------------------------------------------------------------------- a run folder
 
 def write_png(path: Path) -> str:
+    """A small PNG whose bytes differ from file to file, so an embedded copy names its file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, np.random.default_rng(0).uniform(size=(8, 8)))
+    plt.imsave(path, np.random.default_rng(sum(path.name.encode())).uniform(size=(8, 8)))
     return path.as_posix()
 
 
@@ -145,6 +148,7 @@ class ReportReader(HTMLParser):
         self.case = self.organ = None
         self.open_cell = self.open_stat = None
         self.open_link = None
+        self.zoom_label = None  # inside <label class="zoom">: whether its checkbox came first
         self.strong_text = None
         self.scripts = 0
 
@@ -161,8 +165,14 @@ class ReportReader(HTMLParser):
                 self.references.append(attributes[key])
         if tag == "a":
             self.open_link = attributes.get("href")
+        if tag == "label" and "zoom" in attributes.get("class", "").split():
+            self.zoom_label = False
+        if tag == "input" and self.zoom_label is not None and attributes.get("type") == "checkbox":
+            self.zoom_label = True
         if tag == "img":
-            self.thumbnails.append((self.open_link, attributes["src"], "thumb" in attributes.get("class", "")))
+            # (inside a link, source, a thumbnail, enlarged by a click: inside a zoom label after its checkbox)
+            self.thumbnails.append((self.open_link, attributes["src"], "thumb" in attributes.get("class", ""),
+                                    self.zoom_label is True))
         if tag == "tr" and "case" in attributes.get("class", "").split():
             self.case, self.organ = attributes["data-case"], None
             self.case_order.append((attributes["data-case"], attributes["id"]))
@@ -193,6 +203,8 @@ class ReportReader(HTMLParser):
             self.open_stat = None
         if tag == "a":
             self.open_link = None
+        if tag == "label":
+            self.zoom_label = None
         if tag == "strong" and self.strong_text is not None and self.case is not None:
             self.case_ids_shown.append(self.strong_text.split(". ", 1)[1])  # "rank. case id"
             self.strong_text = None
@@ -216,17 +228,35 @@ def read_report(path: Path) -> ReportReader:
     return reader
 
 
+PNG_URI = "data:image/png;base64,"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def embedded_png(source: str) -> bytes:
+    assert source.startswith(PNG_URI), source[:40]
+    data = base64.b64decode(source[len(PNG_URI):], validate=True)
+    assert data[:8] == PNG_MAGIC
+    return data
+
+
 def assert_self_contained(reader: ReportReader, out_dir: Path, text: str) -> None:
     assert reader.scripts == 0
     assert "://" not in text and "url(" not in text and "@import" not in text
     for reference in reader.references:
         if reference.startswith("#"):
             assert reference[1:] in reader.ids, reference
+        elif reference.startswith("data:"):
+            embedded_png(reference)
         else:
             assert not reference.startswith(("/", "//")), reference
             assert (out_dir / unquote(reference)).is_file(), reference
-    for link, source, is_thumbnail in reader.thumbnails:
-        assert link == source and is_thumbnail  # a thumbnail that opens the full-size PNG
+    for link, source, is_thumbnail, zooms in reader.thumbnails:
+        embedded_png(source)
+        assert link is None and is_thumbnail and zooms  # a thumbnail a click enlarges, not a link that can break
+
+
+def shown_figures(reader: ReportReader) -> list[bytes]:
+    return [embedded_png(source) for _, source, _, _ in reader.thumbnails]
 
 
 # ----------------------------------------------------------------------------- tests
@@ -245,9 +275,13 @@ def test_report_with_labels_matches_metrics_and_summary(tmp_path):
         assert case["prediction_path"] in references
         assert any(r.endswith(Path(case["uncertainty_path"]).name) for r in references)
         assert any(r.endswith(Path(case["image_path"]).name) and r.startswith("../input/") for r in references)
+    shown = shown_figures(reader)
+    for case in cases:
         for figure in case["figures"]:
-            assert (figure, figure, True) in [(unquote(a), unquote(b), c) for a, b, c in reader.thumbnails]
-    assert ("figures/dice_boxplot.png",) * 2 + (True,) in reader.thumbnails
+            assert (out_dir / figure).read_bytes() in shown, figure
+    assert (out_dir / boxplot).read_bytes() in shown
+    assert len(shown) == sum(len(case["figures"]) for case in cases) + 1
+    assert not any(r.endswith(".png") for r in references)  # figures are embedded, not linked
 
     # worst first; case ids escaped in the markup and shown as they are
     assert [case_id for case_id, _ in reader.case_order] == EXPECTED_ORDER
@@ -342,3 +376,38 @@ def test_every_case_row_has_its_flag_state(tmp_path, labelled):
     out_dir, cases, summary = make_run(tmp_path, labelled)
     text = write_report(out_dir, cases, summary, CLASS_NAMES).read_text(encoding="utf-8")
     assert text.count('class="flag"') == len(FLAGS) and text.count('class="clear"') == len(DICE) - len(FLAGS)
+
+
+def test_report_copied_alone_still_shows_every_figure(tmp_path):
+    out_dir, cases, summary = make_run(tmp_path)
+    path = write_report(out_dir, cases, summary, CLASS_NAMES)
+    elsewhere = tmp_path / "mailed"
+    elsewhere.mkdir()
+    copy = Path(shutil.copy(path, elsewhere / "report.html"))
+    reader = read_report(copy)
+    sources = [source for _, source, _, _ in reader.thumbnails]
+    assert len(sources) == sum(len(case["figures"]) for case in cases)
+    for source in sources:
+        assert source.startswith("data:")
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == PNG_MAGIC
+    assert {embedded_png(s) for s in sources} == {(out_dir / f).read_bytes() for case in cases for f in case["figures"]}
+
+
+def test_rtstruct_and_seg_of_a_case_are_linked(tmp_path):
+    out_dir, cases, summary = make_run(tmp_path)
+    for case in cases[:2]:  # as predict.py puts them in a case's entry: names in out_dir
+        (out_dir / f"{case['case_id']}_rtstruct.dcm").write_bytes(b"\0" * 128 + b"DICM")
+        case["rtstruct_path"] = f"{case['case_id']}_rtstruct.dcm"
+    seg = out_dir / f"{cases[0]['case_id']}_seg.dcm"
+    seg.write_bytes(b"\0" * 128 + b"DICM")
+    cases[0]["seg_path"] = str(seg)  # absolute also works
+    path = write_report(out_dir, cases, summary, CLASS_NAMES)
+    reader = read_report(path)
+    assert_self_contained(reader, out_dir, path.read_text(encoding="utf-8"))
+    references = [unquote(r) for r in reader.references]
+    for case in cases:
+        rtstruct, seg = f"{case['case_id']}_rtstruct.dcm", f"{case['case_id']}_seg.dcm"
+        assert (rtstruct in references) == ("rtstruct_path" in case)
+        assert (seg in references) == ("seg_path" in case)
+    text = path.read_text(encoding="utf-8")
+    assert text.count("RTSTRUCT: <a ") == 2 and text.count("DICOM-SEG: <a ") == 1
