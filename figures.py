@@ -1,4 +1,4 @@
-"""Figures: training curves, best slice per class, three-plane overviews, Dice box plots.
+"""Figures: training curves, best slice per class, three-plane overviews, uncertainty maps, Dice box plots.
 
 Volumes are shown in radiological convention: arrays are reoriented to LPS, axial slices show
 anterior at the top and the patient's left on the image's right.
@@ -174,7 +174,8 @@ def uncertainty_slice(entropy: np.ndarray, prediction: np.ndarray | None = None,
     slices are skipped when the organ reaches others: there the body runs out of the field of
     view and the network sees padding, so their entropy says little about any contour. Where the
     band holds no entropy at all, the organ's centre slice. Without ``prediction`` (or with no
-    foreground predicted): the slice with the largest summed entropy, organ and score None.
+    foreground predicted): the slice with the largest summed entropy, again not the first or last
+    one, organ and score None.
     """
     entropy = np.asarray(entropy, dtype=np.float64)
     if prediction is not None:
@@ -197,7 +198,9 @@ def uncertainty_slice(entropy: np.ndarray, prediction: np.ndarray | None = None,
                 centre = np.argwhere(mask)[:, 2].mean()
                 z = int(candidates[np.abs(candidates - centre).argmin()])
             return z, organ, float(scores[organ])
-    return int(entropy.sum(axis=(0, 1)).argmax()), None, None
+    per_slice = entropy.sum(axis=(0, 1))
+    first = 1 if per_slice.size > 2 else 0
+    return first + int(per_slice[first:per_slice.size - first].argmax()), None, None
 
 
 def _boundary_band(mask: np.ndarray) -> np.ndarray:
@@ -217,10 +220,15 @@ def entropy_cmap() -> ListedColormap:
 
 
 def _in_plane_box(prediction: np.ndarray | None, shape, margin: int = 4) -> tuple[slice, slice]:
-    """Rows and columns of the axial slice around the predicted body, a few voxels wider."""
+    """Rows and columns of the axial slice around the predicted body (its largest connected part,
+    so stray voxels at the field of view's edge do not undo the crop), a few voxels wider."""
     if prediction is None or not (prediction > 0).any():
         return slice(None), slice(None)
-    xs, ys = np.flatnonzero((prediction > 0).any(axis=(1, 2))), np.flatnonzero((prediction > 0).any(axis=(0, 2)))
+    from scipy import ndimage
+
+    parts, count = ndimage.label(prediction > 0)
+    body = parts == (np.bincount(parts.ravel())[1:].argmax() + 1) if count > 1 else parts > 0
+    xs, ys = np.flatnonzero(body.any(axis=(1, 2))), np.flatnonzero(body.any(axis=(0, 2)))
     return (slice(max(int(ys[0]) - margin, 0), min(int(ys[-1]) + margin + 1, shape[1])),
             slice(max(int(xs[0]) - margin, 0), min(int(xs[-1]) + margin + 1, shape[0])))
 
@@ -249,7 +257,11 @@ def save_uncertainty_figure(image: np.ndarray, entropy: np.ndarray, affine: np.n
     def crop(volume):
         return axial(volume, z)[rows, columns]
 
-    fig, axes = plt.subplots(1, 2 if show_labels else 1, figsize=(9.2 if show_labels else 5.0, 4.4), squeeze=False)
+    # the colour bar in a column of its own, so both image panels get the same size
+    panels = 2 if show_labels else 1
+    fig, axes = plt.subplots(1, panels + 1, figsize=(4.3 * panels + 1.1, 4.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * panels + [0.05]})
+    bar_axis, axes = axes[0, -1], axes[:, :-1]
     handles = []
     if show_labels:
         show_overlay(axes[0, 0], crop(image), crop(labels), len(class_names), f"prediction (z={z})")
@@ -259,7 +271,7 @@ def save_uncertainty_figure(image: np.ndarray, entropy: np.ndarray, affine: np.n
     ax.imshow(crop(image), cmap="gray", vmin=0, vmax=1 / 0.6, interpolation="nearest")
     shown = np.ma.masked_less(crop(entropy), ENTROPY_SHOWN_FROM)
     heat = ax.imshow(shown, cmap=entropy_cmap(), vmin=ENTROPY_SHOWN_FROM, vmax=1, interpolation="nearest")
-    bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.04, extend="min", extendfrac=0.06)
+    bar = fig.colorbar(heat, cax=bar_axis, extend="min", extendfrac=0.06)
     bar.set_label(f"normalised entropy\n(grey: below {ENTROPY_SHOWN_FROM:g}, not drawn)", fontsize=8)
     if organ is not None:
         contour_mask = crop(labels) == organ

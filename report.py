@@ -66,9 +66,9 @@ figure { margin: 0; text-align: center; font-size: 11px; color: #555; }
 img.thumb { height: 130px; width: auto; max-width: 100%; border: 1px solid #ccc; }
 label.zoom { display: block; cursor: zoom-in; }
 label.zoom input { display: none; }
-label.zoom input:checked + img.thumb { position: fixed; inset: 0; margin: auto; z-index: 10; width: auto;
-  height: auto; max-width: 96vw; max-height: 96vh; border: 1px solid #888; background: #fff; cursor: zoom-out;
-  box-shadow: 0 0 0 100vmax rgba(0, 0, 0, 0.6); }
+label.zoom input:checked + img.thumb { position: fixed; inset: 0; margin: auto; z-index: 10; width: 96vw;
+  height: 94vh; max-width: none; object-fit: contain; border: 1px solid #888; background: #fff;
+  cursor: zoom-out; box-shadow: 0 0 0 100vmax rgba(0, 0, 0, 0.6); }
 .note { color: #555; font-size: 12px; }
 @media (max-width: 1000px) {
   table.cases > tbody > tr.case > td { display: block; width: auto; border-top: none; }

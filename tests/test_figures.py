@@ -111,10 +111,12 @@ def test_one_uncertain_voxel_picks_its_slice_and_none_picks_the_organ_centre():
     assert abs(z - np.argwhere(labels == organ)[:, 2].mean()) <= 0.5
 
 
-def test_without_a_prediction_the_slice_with_most_entropy_is_shown():
+def test_without_a_prediction_the_slice_with_most_entropy_is_shown_but_not_an_edge_slice():
     entropy = np.zeros(SHAPE)
     entropy[10:20, 10:20, 5] = 0.3
     entropy[15, 15, 17] = 1.0
+    assert uncertainty_slice(entropy) == (5, None, None)
+    entropy[:, :, -1] = 0.5  # padding artefacts of the last slice
     assert uncertainty_slice(entropy) == (5, None, None)
 
 
