@@ -28,7 +28,8 @@ def pelvis() -> np.ndarray:
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")).astype(float)
 
     def ellipsoid(centre, radii):
-        return (((grid - np.array(centre)[:, None, None, None]) / np.array(radii)[:, None, None, None]) ** 2).sum(0) <= 1
+        centre, radii = (np.array(v, dtype=float)[:, None, None, None] for v in (centre, radii))
+        return (((grid - centre) / radii) ** 2).sum(0) <= 1
 
     labels = np.zeros(SHAPE, dtype=np.uint8)
     labels[3:-3, 3:-3, :] = BODY  # runs out of the field of view at both axial ends, like a pelvic scan

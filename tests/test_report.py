@@ -1,8 +1,9 @@
 """report.py: report.html parses with the standard library's html.parser, is self-contained (every
 image embedded as a PNG data URI, so the page copied alone still shows them; every file it links
-exists in or beside the output folder; nothing on the network, no script), lists cases worst first, and shows the very numbers of metrics.csv and summary.json
-(each number's tooltip is the file's value; its text the same number rounded). A run without
-labels still gets a report with volumes and uncertainty.
+exists in or beside the output folder; nothing on the network, no script), lists cases worst
+first, and shows the very numbers of metrics.csv and summary.json (each number's tooltip is the
+file's value; its text the same number rounded). A run without labels still gets a report with
+volumes and uncertainty; a case with an RTSTRUCT or DICOM-SEG links them.
 
 The run folder is built here as predict.py writes it: tiny NIfTI outputs, PNG figures, and a
 metrics.csv written with predict's number format (``f"{v:.6g}"``).
