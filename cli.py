@@ -9,13 +9,18 @@ import sys
 
 from checkpoint import CheckpointError
 from dataset import DataError, unwrap_data_error
+from training import TrainingDiverged
 
 
 def run_cli(main_fn, args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    # Libraries (highdicom, MONAI) log at WARNING unless --debug: their INFO lines would flood
+    # stderr; the project's own logger keeps its INFO lines.
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("hipmri").setLevel(logging.DEBUG if debug else logging.INFO)
     try:
         main_fn(args)
-    except (DataError, CheckpointError) as error:
+    except (DataError, CheckpointError, TrainingDiverged) as error:
         if getattr(args, "debug", False):
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -24,7 +24,8 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, MetaTensor, NibabelReader
+from monai.data import CacheDataset, MetaTensor, NibabelReader, image_reader
+from monai.utils import ensure_tuple
 
 log = logging.getLogger("hipmri")
 
@@ -233,6 +234,25 @@ def drop_trailing_singletons(volume):
     return volume
 
 
+class CheckedNibabelReader(NibabelReader):
+    """MONAI's NIfTI reader with one geometry: nibabel's affine.
+
+    ``read`` replaces NibabelReader.read to check the header first (sform and qform must agree in
+    voxel size; pixdim made the sform's where only the sform is set), then chains to MONAI's own
+    header fix-up, as NibabelReader.read does. After the checks that fix-up can still bring
+    pixdim in line, but finds nothing to rewrite in the affine.
+    """
+
+    def read(self, data, **kwargs):
+        images = []
+        self.filenames = ensure_tuple(data)
+        for name in self.filenames:
+            image = read_nifti_header(name)
+            align_pixdim_with_affine(image)
+            images.append(image_reader.correct_nifti_header_if_necessary(image))
+        return images if len(images) > 1 else images[0]
+
+
 class LoadValidated(mt.MapTransform):
     """Load image (and label) with MONAI's NIfTI reader and refuse a bad pair with a DataError.
 
@@ -247,13 +267,15 @@ class LoadValidated(mt.MapTransform):
         self.num_classes = num_classes
         # MONAI's NibabelReader used directly: LoadImage would also instantiate every other reader
         # it knows, and with pydicom installed its nvImageCodec DICOM reader warns on every load.
-        self.reader = NibabelReader()
+        self.reader = CheckedNibabelReader()
 
     def load(self, path: str) -> torch.Tensor:
         try:
             array, meta = self.reader.get_data(self.reader.read(path))
             meta["filename_or_obj"] = str(path)
             volume = MetaTensor.ensure_torch_and_prune_meta(np.asarray(array, dtype=np.float32), meta)
+        except DataError:
+            raise
         except Exception as error:  # nibabel raises many types for damaged files
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DataError(f"{path}: cannot be read as NIfTI ({reason[:200]})") from None
@@ -305,16 +327,79 @@ class LoadValidated(mt.MapTransform):
         return item
 
 
-def lps_geometry(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """(shape, spacing in mm) of a NIfTI file in LPS array order, from its header alone."""
+# ----------------------------------------------------------------------------- geometry
+# One source of geometry: the NIfTI affine as nibabel reads it (the sform where its code is set,
+# else the qform). Spacing is its column norms and a voxel's volume |det|, never the header's
+# pixdim, which writers do not always keep in step with the affine.
+
+SFORM_QFORM_TOLERANCE = 1e-3  # relative difference in voxel size between the two header forms
+
+
+def voxel_spacing(affine) -> tuple[float, ...]:
+    """Voxel size in mm along each array axis: the column norms of the affine's 3x3 part."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return tuple(float(s) for s in np.sqrt((linear ** 2).sum(axis=0)))
+
+
+def voxel_volume_ml(affine) -> float:
+    """One voxel's volume in millilitres: |det| of the affine's 3x3 part / 1000."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+def check_header_forms(image: nib.Nifti1Image, path: str | Path) -> None:
+    """Refuse a NIfTI whose sform and qform are both set but disagree in voxel size.
+
+    Readers disagree on which form wins (nibabel and this project take the sform; MONAI's reader
+    rewrites the sform from the qform when only the qform matches pixdim; ITK has its own rule), so
+    such a file has no single geometry and its volumes and distances would depend on the tool.
+    """
+    header = image.header
+    if not hasattr(header, "get_sform") or int(header["sform_code"]) == 0 or int(header["qform_code"]) == 0:
+        return
     try:
-        header_image = nib.load(str(path))
+        sform_spacing = np.asarray(voxel_spacing(header.get_sform()))
+        qform_spacing = np.asarray(voxel_spacing(header.get_qform()))
+    except Exception as error:  # nibabel raises ValueError and others on a damaged quaternion
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: the header's sform or qform cannot be read ({reason[:160]}): a damaged header?") from None
+    if np.any(np.abs(sform_spacing - qform_spacing) > SFORM_QFORM_TOLERANCE * np.maximum(qform_spacing, 1e-12)):
+        raise DataError(f"{path}: the header's sform and qform disagree in voxel size "
+                        f"({[round(float(s), 4) for s in sform_spacing]} mm against "
+                        f"{[round(float(s), 4) for s in qform_spacing]} mm), so tools read it differently; "
+                        "rewrite the header with one geometry (e.g. nibabel: img.set_qform(img.get_sform()))")
+
+
+def align_pixdim_with_affine(image: nib.Nifti1Image) -> None:
+    """Make the header's pixdim the affine's voxel size where only the sform is set (qform code 0).
+
+    MONAI's header fix-up trusts pixdim: on such a file, whose pixdim a writer left stale, it
+    would replace the sform (nibabel's geometry) with a qform built from that pixdim."""
+    header = image.header
+    if not hasattr(header, "get_sform") or int(header["sform_code"]) == 0 or int(header["qform_code"]) != 0:
+        return
+    spatial = min(3, len(header.get_zooms()))
+    spacing = voxel_spacing(image.affine)[:spatial]
+    if not np.allclose(header.get_zooms()[:spatial], spacing):
+        header.set_zooms(tuple(spacing) + tuple(header.get_zooms()[spatial:]))
+
+
+def read_nifti_header(path: str | Path) -> nib.Nifti1Image:
+    """The NIfTI image object (header read, voxels not yet), with its geometry checked."""
+    try:
+        image = nib.load(str(path))
     except Exception as error:  # nibabel raises many types for damaged files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"{path}: cannot be read as NIfTI ({reason[:200]})") from None
+    check_header_forms(image, path)
+    return image
+
+
+def lps_geometry(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(shape, spacing in mm) of a NIfTI file in LPS array order, from its header alone."""
+    header_image = read_nifti_header(path)
     affine = header_image.affine
     shape = drop_trailing_singletons(np.empty(header_image.shape, dtype=bool)).shape
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zooms = voxel_spacing(affine)
     lps_shape, lps_spacing = [0, 0, 0], [0.0, 0.0, 0.0]
     for source_axis, (target_axis, _) in enumerate(nib.orientations.io_orientation(affine)):
         lps_shape[int(target_axis)] = int(shape[source_axis])
@@ -343,26 +428,36 @@ def choose_spacing(cases: Sequence[Case], spacing: Sequence[float] | None = None
             f"2 x median training spacing {[round(float(s), 4) for s in median_spacing]} mm")
 
 
+AREA_MIN_FACTOR = 1.5  # see ResampleToSpacingd
+
+
 class ResampleToSpacingd(mt.MapTransform):
     """Resample image and label to a target voxel spacing in mm, keeping the field of view.
 
     The output shape is round(shape x spacing / target) per axis (nnU-Net's rule) and MONAI's
     Resize does the resampling, so the field of view is kept exactly and the affine follows; the
     voxel size then equals the target within half a voxel over the whole field of view. Image:
-    area averaging when every axis shrinks (the anti-aliased downsampling, one pass), trilinear
-    with Gaussian anti-aliasing otherwise; label: centre-exact nearest neighbour only (linear
-    interpolation of label values would invent classes at borders). Not Spacingd: it has no area
-    mode and snaps the extent to whole target voxels from the first voxel centre, which shifts
-    the grid against the field of view.
+    area averaging when every axis shrinks by at least ``AREA_MIN_FACTOR`` (the anti-aliased
+    downsampling, one pass), trilinear with Gaussian anti-aliasing otherwise (area averaging's
+    windows are whole source voxels, at least two wide at any non-integer ratio, so at a factor
+    near 1 it would blur like a 2x downsampling; the Gaussian's width follows the factor). Label: as nnU-Net does, each class's mask is resampled
+    exactly as the image is, and the arg-max of the resampled masks is the new label. It is then
+    centre-aligned with the image at any factor (nearest-neighbour resizing is centre-aligned only
+    for odd factors, half a source voxel off at the default factor 2) and never invents a class at
+    a border, as resampling the label values themselves would (prostate 5 averaged with body 1
+    reads as bladder 3). Not Spacingd: it has no area mode and snaps the extent to whole target
+    voxels from the first voxel centre, which shifts the grid against the field of view.
     """
 
-    def __init__(self, spacing: Sequence[float], image_key: str = "image", label_key: str = "label"):
+    def __init__(self, spacing: Sequence[float], num_classes: int = len(CLASS_NAMES), image_key: str = "image",
+                 label_key: str = "label"):
         super().__init__((image_key, label_key), allow_missing_keys=True)
         self.spacing = np.asarray(spacing, dtype=np.float64)
+        self.num_classes = num_classes
         self.image_key, self.label_key = image_key, label_key
 
     def target_shape(self, image) -> tuple[int, ...]:
-        current = np.sqrt((np.asarray(image.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+        current = voxel_spacing(image.affine)
         shape = tuple(int(round(n * s / t)) for n, s, t in zip(image.shape[1:], current, self.spacing))
         if min(shape) < 2 or max(shape) > MAX_RESAMPLED_AXIS:
             # A damaged header's voxel size would otherwise ask for a single voxel or for gigabytes.
@@ -375,13 +470,21 @@ class ResampleToSpacingd(mt.MapTransform):
         item = dict(data)
         image = item[self.image_key]
         shape = self.target_shape(image)
-        shrinking = all(new <= old for new, old in zip(shape, image.shape[1:]))
+        shrinking = all(old >= AREA_MIN_FACTOR * new for new, old in zip(shape, image.shape[1:]))
         image_resize = (mt.Resize(shape, mode="area") if shrinking
                         else mt.Resize(shape, mode="trilinear", anti_aliasing=True))
         item[self.image_key] = image_resize(image)
         if self.label_key in item:
-            item[self.label_key] = mt.Resize(shape, mode="nearest-exact")(item[self.label_key])
+            item[self.label_key] = self.resample_label(item[self.label_key], image_resize)
         return item
+
+    def resample_label(self, label: MetaTensor, resize: mt.Resize) -> MetaTensor:
+        """(1, X, Y, Z) label -> one mask per class, each resampled by ``resize`` (the image's),
+        -> arg-max (first class on ties), as float32 with the resized geometry."""
+        values = label.as_tensor()
+        masks = MetaTensor(torch.cat([(values == c) for c in range(self.num_classes)]).float(), meta=label.meta)
+        resized = resize(masks)
+        return MetaTensor(resized.as_tensor().argmax(0, keepdim=True).float(), meta=resized.meta)
 
 
 def preprocessing(spacing: Sequence[float], num_classes: int = len(CLASS_NAMES)) -> mt.Compose:
@@ -399,7 +502,7 @@ def preprocessing(spacing: Sequence[float], num_classes: int = len(CLASS_NAMES))
         # Axis labels passed explicitly: MONAI warns that its default will change.
         mt.Orientationd(keys, axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S")),
                         allow_missing_keys=True),
-        ResampleToSpacingd(spacing),
+        ResampleToSpacingd(spacing, num_classes),
         # MRI has no absolute intensity scale; robust percentiles ignore bright outliers.
         mt.ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
         mt.EnsureTyped(keys, dtype=torch.float32, track_meta=True, allow_missing_keys=True),

@@ -23,6 +23,12 @@ from checkpoint import CheckpointError, load_checkpoint
 from dataset import drop_trailing_singletons
 from metrics import dice_per_class, hd95_per_class, nan_mean
 from modules import ImprovedUNet3D
+from uncertainty import organ_uncertainty
+
+# Sliding-window overlap of prediction, and so of training's final validation, which fits the
+# post-processing and the review rule on what predict.py computes. Per-epoch model selection may
+# use less (train.py --overlap): it only ranks epochs.
+PREDICTION_OVERLAP = 0.5
 
 MEMORY_FLAGS = ("--patch-size (smaller crops and windows), --spacing (coarser voxels), --channels (narrower "
                 "network), --checkpointing, --batch-size 1")
@@ -302,38 +308,64 @@ def keep_largest_component(labels: np.ndarray, classes: Sequence[int]) -> np.nda
     the same labelling)."""
     result = np.array(labels, copy=True)
     for c in classes:
-        components, count = ndimage.label(result == c, structure=np.ones((3, 3, 3), dtype=bool))
-        if count > 1:
-            sizes = np.bincount(components.reshape(-1))[1:]
-            result[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
+        mask = result == c
+        largest, changed = largest_component_mask(mask)
+        if changed:
+            result[mask & ~largest] = 0
     return result
 
 
-def volume_figures(prediction: np.ndarray, target: np.ndarray, num_classes: int, spacing) -> dict:
-    """Dice and HD95 per class of one validation volume, with and without each class's
-    largest-component step: the per-volume figures a post-processing decision is made from."""
-    before = {"dice": dice_per_class(prediction, target, num_classes).tolist(),
-              "hd95": hd95_per_class(prediction, target, num_classes, spacing).tolist()}
-    after_dice, after_hd95 = [], []
-    for c in range(num_classes):
-        if c == 0:
-            after_dice.append(before["dice"][0])
-            after_hd95.append(before["hd95"][0])
+def largest_component_mask(mask: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(the largest 26-connected component of ``mask``, whether anything was removed)."""
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return mask, False
+    sizes = np.bincount(components.reshape(-1))[1:]
+    return components == 1 + int(np.argmax(sizes)), True
+
+
+def volume_figures(prediction: np.ndarray, target: np.ndarray | None, num_classes: int, spacing,
+                   entropy: np.ndarray | None = None, hd95: bool = True) -> dict:
+    """Per-class figures of one validation volume without and with each organ's largest-component
+    step: Dice and HD95 (with ``target``) and the organ's uncertainty score (with ``entropy``),
+    ``dice``/``dice_lcc``, ``hd95``/``hd95_lcc``, ``uncertainty``/``uncertainty_lcc``; the
+    per-volume figures a post-processing decision is made from. Foreground only: background
+    entries are NaN. An organ in one piece has the same figures both ways, without recomputing."""
+    nan = [float("nan")] * num_classes
+    figures = {key: list(nan) for key in ("dice", "hd95", "uncertainty", "dice_lcc", "hd95_lcc", "uncertainty_lcc")}
+    if target is not None:
+        figures["dice"] = [float("nan")] + dice_per_class(prediction, target, num_classes).tolist()[1:]
+        figures["hd95"] = (hd95_per_class(prediction, target, num_classes, spacing).tolist() if hd95 else list(nan))
+    if entropy is not None:
+        figures["uncertainty"] = organ_uncertainty(entropy, prediction, num_classes).tolist()
+    for c in range(1, num_classes):
+        mask = prediction == c
+        largest, changed = largest_component_mask(mask)
+        if not changed:
+            for key in ("dice", "hd95", "uncertainty"):
+                figures[f"{key}_lcc"][c] = figures[key][c]
             continue
-        processed = keep_largest_component(prediction, [c])
-        after_dice.append(float(dice_per_class(processed, target, num_classes)[c]))
-        after_hd95.append(float(hd95_per_class(processed == c, target == c, 2, spacing)[1]))
-    return {"dice": before["dice"], "hd95": before["hd95"], "dice_lcc": after_dice, "hd95_lcc": after_hd95}
+        processed = np.where(mask & ~largest, 0, prediction).astype(prediction.dtype)
+        if target is not None:
+            actual = target == c
+            figures["dice_lcc"][c] = float(dice_per_class(largest, actual, 2)[1])
+            if hd95:
+                figures["hd95_lcc"][c] = float(hd95_per_class(largest, actual, 2, spacing)[1])
+        if entropy is not None:
+            figures["uncertainty_lcc"][c] = float(organ_uncertainty(entropy, processed, num_classes, classes=[c])[c])
+    return figures
 
 
 def decide_postprocessing(volumes: Sequence[dict], class_names: Sequence[str]) -> dict:
-    """nnU-Net's rule (determine_postprocessing), per organ: keep "largest connected component
-    only" where, over the validation volumes, it raises the organ's mean Dice, or lowers its mean
-    HD95 without lowering its Dice. Removed voxels only become background, so no other organ can
-    get worse. Returns the decision with the figures behind it."""
-    decision = {"rule": "per organ, keep the largest connected component where it raises mean validation Dice, "
-                        "or lowers mean HD95 without lowering Dice", "n_volumes": len(volumes),
-                "largest_component": [], "per_class": {}}
+    """Per organ: keep "largest connected component only" unless, over the validation volumes,
+    it lowers the organ's mean Dice (nnU-Net's determine_postprocessing likewise keeps a step that
+    does not hurt). Every organ here is one connected structure, so a stray island is an error
+    wherever it appears: validation volumes without islands leave the Dice unchanged, and the step
+    is kept for the test volumes that have them; an organ truly in two parts loses Dice to the
+    step and drops it. Removed voxels only become background, so no other organ can get worse.
+    Returns the decision with the figures behind it."""
+    decision = {"rule": "per organ, keep the largest connected component unless it lowers mean validation Dice",
+                "n_volumes": len(volumes), "largest_component": [], "per_class": {}}
     for c, name in enumerate(class_names):
         if c == 0:
             continue
@@ -341,9 +373,7 @@ def decide_postprocessing(volumes: Sequence[dict], class_names: Sequence[str]) -
         dice_after = nan_mean([v["dice_lcc"][c] for v in volumes])
         hd_before = nan_mean([v["hd95"][c] for v in volumes])
         hd_after = nan_mean([v["hd95_lcc"][c] for v in volumes])
-        raises_dice = dice_after > dice_before + 1e-9
-        lowers_hd95 = dice_after >= dice_before - 1e-9 and hd_after < hd_before - 1e-9
-        keep = bool(volumes) and (raises_dice or lowers_hd95)
+        keep = bool(volumes) and bool(dice_after >= dice_before - 1e-9)  # False when the organ never appears
         decision["per_class"][name] = {"dice": dice_before, "dice_largest_component": dice_after,
                                        "hd95": hd_before, "hd95_largest_component": hd_after, "keep": keep}
         if keep:

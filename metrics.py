@@ -52,12 +52,14 @@ def dice_per_class(prediction: np.ndarray | torch.Tensor, target: np.ndarray | t
 
 def hd95_per_class(prediction: np.ndarray, target: np.ndarray, num_classes: int,
                    spacing: Sequence[float]) -> np.ndarray:
-    """95th percentile Hausdorff distance in mm per class (MONAI); NaN where either mask is empty
-    (those volumes are counted by ``misses_per_class`` instead, so a miss is never hidden)."""
+    """95th percentile Hausdorff distance in mm per foreground class (MONAI); NaN for the
+    background (its surface is the body's and the array's edge: costly, and nothing uses it) and
+    where either mask is empty (those volumes are counted by ``misses_per_class`` instead, so a
+    miss is never hidden). ``spacing`` is the voxel size along each array axis."""
     prediction = torch.as_tensor(np.asarray(prediction)).long()
     target = torch.as_tensor(np.asarray(target)).long()
     result = np.full(num_classes, np.nan)
-    for c in range(num_classes):
+    for c in range(1, num_classes):
         predicted, actual = prediction == c, target == c
         if not predicted.any() or not actual.any():
             continue

@@ -17,20 +17,23 @@ import numpy as np
 
 from checkpoint import CheckpointError
 from cli import run_cli
-from dataset import Case, DataError, cases_from_input, cases_in, find_cases, preprocessing
+from dataset import (Case, DataError, LoadValidated, cases_from_input, cases_in, find_cases, preprocessing,
+                     read_nifti_header)
 from dicom_io import find_series, is_dicom_folder, series_to_nifti, write_rtstruct, write_seg
-from inference import (Ensemble, apply_postprocessing, autocast_dtype, decide_postprocessing, labels_from_probabilities,
-                       load_members, load_source, resolve_device, to_source_grid, write_prediction)
-from metrics import (dice_per_class, hd95_per_class, json_ready, misses_per_class, nan_mean, print_table, summarise,
-                     write_rows)
+from evaluation import evaluate_volume
+from inference import (PREDICTION_OVERLAP, Ensemble, autocast_dtype, decide_postprocessing, load_members, load_source,
+                       resolve_device, write_prediction)
+from metrics import json_ready, nan_mean, print_table, summarise, write_rows
+from progress import progress
 from report import write_report
-from uncertainty import (fit_from_volumes, flag_case, normalised_entropy, organ_uncertainty, rank_correlation,
-                         voxel_error_auroc, write_uncertainty)
+from uncertainty import (fit_from_volumes, flag_case, rank_correlation, review_settings, voxel_error_auroc,
+                         write_uncertainty)
 
 
 def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Segment pelvic MRI with a trained 3D Improved UNet (or an "
-                                     "ensemble); with labels, report per-class 3D Dice and HD95.")
+                                     "ensemble); with labels, report per-class 3D Dice and HD95.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, nargs="+",
                         help="best.pt/last.pt files or run folders written by train.py; several are an ensemble "
                         "(their probabilities are averaged)")
@@ -43,7 +46,9 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for predictions, metrics and figures")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tta", action="store_true", help="average with the left-right mirrored prediction")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    parser.add_argument("--overlap", type=float, default=PREDICTION_OVERLAP,
+                        help="sliding-window overlap in [0, 1); training's final validation uses the same, so the "
+                        "review rule fitted there applies as it is")
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="skip the post-processing decided on the validation patients (postprocessing.json)")
     parser.add_argument("--output-format", nargs="+", choices=OUTPUT_FORMATS, default=["nifti"],
@@ -135,44 +140,86 @@ def postprocessing_for(members, class_names: Sequence[str], skip: bool) -> dict:
     return decision
 
 
-def review_rule_for(members, class_names: Sequence[str]) -> dict | None:
-    """The uncertainty thresholds that flag a case for review, refitted on the pooled validation
-    volumes (uncertainty.json); None where a member's run has none."""
+def review_rule_for(members, class_names: Sequence[str], settings: dict, device, amp_dtype) -> dict | None:
+    """The uncertainty thresholds that flag a case for review, fitted on the members' pooled
+    validation volumes (uncertainty.json) as this run computes its scores. Training fitted them
+    under its own settings (post-processing, no TTA, the default overlap); where this run's
+    differ, each member's validation volumes are evaluated again with this run's settings and the
+    rule is refitted on those. None where a member's run has no uncertainty.json, or its
+    validation data is not there to refit."""
     volumes, files = pooled_validation_volumes(members, "uncertainty.json")
     if volumes is None:
         return None
+    stored = [json.loads(Path(path).read_text()).get("settings") for path in files]
+    if any(fitted != settings for fitted in stored):
+        fitted = next((f for f in stored if f != settings), None)
+        print(f"Review rule: fitted in training with {describe_settings(fitted)}; this run uses "
+              f"{describe_settings(settings)}, so it is refitted on the members' validation volumes with these.",
+              flush=True)
+        volumes = revalidate(members, class_names, settings, device, amp_dtype)
+        if volumes is None:
+            return None
     rule = fit_from_volumes(volumes, class_names)
     rule["source"] = files
+    rule["settings"] = settings
     return rule
+
+
+def describe_settings(settings: dict | None) -> str:
+    if not settings:
+        return "unrecorded settings"
+    return (f"tta {settings['tta']}, overlap {settings['overlap']}, largest component kept for "
+            f"{', '.join(settings['largest_component']) or 'no organ'}")
+
+
+def revalidate(members, class_names: Sequence[str], settings: dict, device, amp_dtype) -> list[dict] | None:
+    """Each member's own validation volumes evaluated by that member alone (it never trained on
+    them) with ``settings``, through the same ``evaluate_volume`` as the cases of this run."""
+    records = []
+    for member in members:
+        validation = (member.split or {}).get("val") or []
+        root = member.config.get("data_root")
+        try:
+            cases = cases_in(find_cases(root), validation) if root and validation else []
+        except DataError:
+            cases = []
+        if not cases:
+            print(f"Review rule: {member.path}'s validation data ({root}) is not there to refit on; no case is "
+                  "flagged in this run.", flush=True)
+            return None
+        transform = preprocessing(member.config["spacing"], len(class_names))
+        ensemble = Ensemble([member], device, amp_dtype)
+        for case in progress(cases, f"refitting the review rule on {Path(member.path).parent.name}'s validation"):
+            item = transform(case.as_dict())
+            probabilities = ensemble.probabilities(item["image"][None], member.config.get("roi_size"),
+                                                   settings["overlap"], settings["tta"])[0]
+            result = evaluate_volume(probabilities, item["image"], read_nifti_header(case.image), class_names,
+                                     settings["largest_component"], load_source(case.label)[0], hd95=False)
+            records.append({"case": case.case_id, "uncertainty": result["uncertainty"], "dice": result["dice"]})
+    return records
 
 
 def predict_case(case: Case, transform, ensemble: Ensemble, roi_size, args, postprocessing: dict, rule: dict | None,
                  class_names: Sequence[str], out: Path) -> dict:
-    """One case: prediction and uncertainty NIfTIs on the source grid, per-organ figures, flags."""
-    num_classes = len(class_names)
+    """One case through ``evaluation.evaluate_volume``: prediction and uncertainty NIfTIs on the
+    source grid, per-organ figures, flags."""
     item = transform(case.as_dict())
     probabilities = ensemble.probabilities(item["image"][None], roi_size, args.overlap, args.tta)[0]
-    source_probabilities = to_source_grid(probabilities, item["image"])
-    labels = apply_postprocessing(labels_from_probabilities(source_probabilities), postprocessing, class_names)
-    entropy = normalised_entropy(source_probabilities).numpy()
-    del source_probabilities
     image_data, source = load_source(case.image)
+    target = load_source(case.label)[0].astype(np.int64) if case.label is not None else None
+    kept = postprocessing.get("largest_component", [])
+    evaluated = evaluate_volume(probabilities, item["image"], source, class_names, kept, target, hd95=not args.no_hd95)
+    labels, entropy = evaluated["labels"], evaluated["entropy"]
     prediction_path, uncertainty_path = out / f"{case.case_id}_pred.nii.gz", out / f"{case.case_id}_uncertainty.nii.gz"
     write_prediction(labels, source, prediction_path)
     write_uncertainty(entropy, source, uncertainty_path)
-    scores = organ_uncertainty(entropy, labels, num_classes)
+    scores = np.asarray(evaluated["uncertainty"], dtype=float)
     flags = flag_case(scores, rule, class_names) if rule else []
-    spacing_mm = source.header.get_zooms()[:3]
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    kept = postprocessing.get("largest_component", [])
     result = {"case": case, "flags": flags, "rows": [], "dice": None, "hd95": None, "misses": None, "labels": labels}
-    target = None
-    if case.label is not None:
-        target = load_source(case.label)[0].astype(np.int64)
-        result["dice"] = dice_per_class(labels, target, num_classes)
-        result["hd95"] = (np.full(num_classes, np.nan) if args.no_hd95
-                          else hd95_per_class(labels, target, num_classes, spacing_mm))
-        result["misses"] = misses_per_class(labels, target, num_classes)
+    if target is not None:
+        result["dice"] = np.asarray(evaluated["dice"], dtype=float)
+        result["hd95"] = np.asarray(evaluated["hd95"], dtype=float)
+        result["misses"] = np.asarray(evaluated["misses"])
         result["scores"] = scores
         # how well the voxel uncertainty finds the wrong voxels inside the (true) body
         result["voxel_auroc"] = voxel_error_auroc(entropy, labels, target, body_mask=target > 0)
@@ -180,8 +227,8 @@ def predict_case(case: Case, transform, ensemble: Ensemble, roi_size, args, post
         row = {"case": case.case_id, "class": name}
         if target is not None:
             row.update({"dice": result["dice"][c], "hd95": result["hd95"][c], "missed": int(result["misses"][c]),
-                        "gt_volume_ml": float((target == c).sum()) * voxel_ml})
-        row.update({"pred_volume_ml": float((labels == c).sum()) * voxel_ml, "uncertainty": scores[c],
+                        "gt_volume_ml": evaluated["gt_volume_ml"][c]})
+        row.update({"pred_volume_ml": evaluated["pred_volume_ml"][c], "uncertainty": scores[c],
                     "flagged": int(any(f["organ"] == name for f in flags)),
                     "postprocessing": "largest_component" if name in kept else "none"})
         result["rows"].append(row)
@@ -204,6 +251,14 @@ def predict_case(case: Case, transform, ensemble: Ensemble, roi_size, args, post
     flagged = "; ".join(f"{f['organ']} {f['reason']}" for f in flags)
     print(f"  {case.case_id}: {text}" + (f"  REVIEW: {flagged}" if flags else ""), flush=True)
     return result
+
+
+def check_inputs(cases: Sequence[Case], num_classes: int) -> None:
+    """Every image (and label) read and checked before anything is written, so a bad file among
+    good ones stops the run with one line naming it and leaves no half-written output."""
+    loader = LoadValidated(("image", "label"), num_classes)
+    for case in progress(cases, "checking inputs"):
+        loader(case.as_dict())
 
 
 def write_dicom_outputs(labels: np.ndarray, series, formats: Sequence[str], class_names: Sequence[str], out: Path,
@@ -262,8 +317,10 @@ def main(args: argparse.Namespace) -> dict:
     for case in cases:
         if case.case_id in series_by_case:
             series_to_nifti(series_by_case[case.case_id], case.image)
+    check_inputs(cases, len(class_names))
     postprocessing = postprocessing_for(members, class_names, args.no_postprocessing)
-    rule = review_rule_for(members, class_names)
+    settings = review_settings(args.tta, args.overlap, postprocessing.get("largest_component", []))
+    rule = review_rule_for(members, class_names, settings, device, amp_dtype)
     out.mkdir(parents=True, exist_ok=True)
     (out / "predict_config.json").write_text(json.dumps(json_ready({
         **vars(args), "checkpoints": [m.path for m in members], "spacing": spacing, "roi_size": roi_size,
@@ -276,7 +333,7 @@ def main(args: argparse.Namespace) -> dict:
           f"largest component kept for {', '.join(kept) or 'no class'})")
 
     results = []
-    for case in cases:
+    for case in progress(cases, "predicting") if not sys.stderr.isatty() else cases:
         results.append(predict_case(case, transform, ensemble, roi_size, args, postprocessing, rule, class_names, out))
         if case.case_id in series_by_case:
             write_dicom_outputs(results[-1]["labels"], series_by_case[case.case_id], args.output_format, class_names, out,
@@ -295,7 +352,8 @@ def main(args: argparse.Namespace) -> dict:
     summary["n_predicted"] = len(results)
     summary["tta"] = args.tta
     summary["review_rule"] = ("none: a member's run has no uncertainty.json" if rule is None
-                              else {"rule": rule["rule"], "score": rule["score"], "source": rule["source"]})
+                              else {"rule": rule["rule"], "score": rule["score"], "source": rule["source"],
+                                    "settings": rule["settings"]})
     summary["flagged"] = [{"case": r["case"].case_id, "organ": f["organ"], "score": f["score"],
                            "threshold": f["threshold"], "reason": f["reason"]} for r in results for f in r["flags"]]
     (out / "summary.json").write_text(json.dumps(json_ready(summary), indent=2) + "\n")

@@ -18,44 +18,46 @@ import hashlib
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.data import DataLoader, Dataset
-from monai.losses import DiceCELoss, DiceLoss
+from monai.data import Dataset
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import explicit_flags, run_cli
 from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in,
-                     choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split)
-from inference import (autocast_dtype, decide_postprocessing, labels_from_probabilities, load_source,
-                       out_of_memory_message, predict_probabilities, resolve_device, to_source_grid, volume_figures)
+                     choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split,
+                     read_nifti_header)
+from evaluation import evaluate_volume, with_postprocessing
+from inference import (PREDICTION_OVERLAP, autocast_dtype, decide_postprocessing, load_source, out_of_memory_message,
+                       predict_probabilities, resolve_device)
 from metrics import dice_from_counts, dice_per_class, format_value, json_ready, nan_mean, overlap_counts
 from modules import ImprovedUNet3D, count_parameters
-from uncertainty import fit_from_volumes, normalised_entropy, organ_uncertainty
+from progress import progress as report_progress
+from training import (Trainer, TrainingDiverged, compute_loss, divergence_message, epoch_seed, make_loss,
+                      parameters_finite, seed_random_generators, training_loader)
+from uncertainty import fit_from_volumes, review_settings
 
 DEFAULT_PHANTOM = Path("data/phantom")
 # Settings a resumed run may take from the new command line: where things are and how to run,
 # not what is trained. Every other setting comes back from the checkpoint.
-OPERATIONAL_FLAGS = {"out", "resume", "debug", "workers", "device", "data_root", "explicit"}
+OPERATIONAL_FLAGS = {"out", "resume", "debug", "workers", "device", "data_root", "explicit", "deterministic"}
 EXTENDABLE_FLAGS = {"epochs", "patience"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the 3D Improved UNet for pelvic MRI segmentation.")
+    parser = argparse.ArgumentParser(description="Train the 3D Improved UNet for pelvic MRI segmentation.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-root", help="HipMRI-layout folder; without it the phantom in data/phantom/ "
                         "is generated once and used")
     parser.add_argument("--out", default="runs/default", help="run folder for checkpoints, metrics and curves")
@@ -85,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", choices=("device", "loader"), default="device",
                         help="where elastic/rotation/flip/intensity augmentation runs: batched on the training "
                         "device (fast) or per sample in the loader with MONAI transforms")
-    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in validation")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="sliding-window overlap of the per-epoch validation, which only ranks epochs; the "
+                        f"final validation of best.pt uses predict.py's {PREDICTION_OVERLAP}, since the "
+                        "post-processing and review rule fitted there must match what predict.py computes")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     parser.add_argument("--patience", type=int, default=10,
                         help="stop after this many epochs without a better validation mean foreground Dice "
@@ -105,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label names in label-value order; their number is the number of classes")
     parser.add_argument("--phantom-patients", type=int, default=10, help="patients in the default phantom")
     parser.add_argument("--phantom-weeks", type=int, default=3, help="weeks per patient in the default phantom")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic cuDNN algorithms (default: cuDNN's autotuner picks the fastest on CUDA)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
@@ -241,54 +248,16 @@ def learning_rate(epoch: int, total_epochs: int, base_lr: float) -> float:
     return minimum + (base_lr - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def seed_everything(seed: int) -> None:
-    set_determinism(seed=seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- losses
-
-def make_loss(kind: str, class_weights: torch.Tensor) -> torch.nn.Module:
-    """Class weights enter both terms: the cross-entropy's per-class weights and the Dice's
-    per-class weighting (MONAI applies ``weight`` to each)."""
-    if kind == "ce":
-        return torch.nn.CrossEntropyLoss(weight=class_weights)
-    if kind == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True, weight=class_weights)
-    return DiceCELoss(to_onehot_y=True, softmax=True, weight=class_weights)
-
-
-def compute_loss(loss_fn, kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if kind == "ce":
-        return loss_fn(logits, labels[:, 0].long())
-    return loss_fn(logits, labels)
-
-
-def deep_supervision_loss(loss_fn, kind, output, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, full-resolution logits). Lower decoder outputs are scored against nearest-downsampled
-    labels with weights 1/2 and 1/4, normalised, as in nnU-Net."""
-    if isinstance(output, torch.Tensor):
-        return compute_loss(loss_fn, kind, output, labels), output
-    logits, auxiliary = output
-    total = compute_loss(loss_fn, kind, logits, labels)
-    weight_sum = 1.0
-    for level, aux in enumerate(auxiliary, start=1):
-        weight = 0.5**level
-        padded = torch.nn.functional.pad(labels, [p for s, a in zip(reversed(labels.shape[2:]),
-                                                                    reversed(aux.shape[2:]))
-                                                  for p in (0, a * 2**level - s)])
-        small = torch.nn.functional.interpolate(padded, size=aux.shape[2:], mode="nearest")
-        total = total + weight * compute_loss(loss_fn, kind, aux, small)
-        weight_sum += weight
-    return total / weight_sum, logits
-
-
-def _float(output):
-    if isinstance(output, torch.Tensor):
-        return output.float()
-    return output[0].float(), [a.float() for a in output[1]]
+def set_up_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Once, at the start of a run: the global generators from ``seed``; with ``deterministic``
+    MONAI's set_determinism (which also forces deterministic cuDNN and turns its autotuner off),
+    otherwise cuDNN's autotuner on CUDA, which picks the fastest 3D convolution algorithms."""
+    if deterministic:
+        set_determinism(seed=seed)
+    else:
+        seed_random_generators(seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -342,14 +311,6 @@ class StopRequest:
         return False
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C and SIGTERM to the main process: a scheduler that signals the
-    whole process group (Slurm's scancel, kill -- -PGID) must not kill them mid-step, or the clean
-    stop at the end of the step becomes a DataLoader traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def ensure_default_phantom(args: argparse.Namespace, context: Context) -> Path:
     """The embedded default data: generated once into data/phantom/, reused afterwards."""
     marker = DEFAULT_PHANTOM / "phantom.json"
@@ -376,7 +337,6 @@ class Data:
     val_cache: object
     val_cases: list
     class_weights: torch.Tensor
-    source_labels: dict = field(default_factory=dict)  # validation labels on their source grid, per index
 
 
 @dataclass
@@ -389,6 +349,7 @@ class Model:
     loss_fn: torch.nn.Module
     amp_dtype: torch.dtype | None
     compiled: bool
+    trainer: Trainer
 
 
 @dataclass
@@ -399,6 +360,21 @@ class Progress:
     stale_epochs: int = 0
     stopped_early: bool = False
     interrupted: bool = False
+    diverged: str | None = None  # the one-line message when training diverged
+    trained_epochs: int = 0  # epochs trained by this command (0: a finished run resumed)
+    previous_end: str | None = None  # how the resumed run had ended
+    finished: bool = False  # the epoch loop ran to its end
+
+    @property
+    def end_reason(self) -> str:
+        """Why the run ended ("running" while it trains), recorded in last.pt."""
+        if self.diverged:
+            return "diverged"
+        if self.interrupted:
+            return "interrupted"
+        if self.stopped_early:
+            return "early_stop"
+        return "completed" if self.finished else "running"
 
 
 def setup_run(args: argparse.Namespace) -> tuple[Context, Path, dict | None]:
@@ -425,14 +401,29 @@ def setup_run(args: argparse.Namespace) -> tuple[Context, Path, dict | None]:
 def setup_data(args: argparse.Namespace, context: Context, run_dir: Path, resumed: bool) -> Data:
     """Cases, the split (or fold), the target spacing, cached preprocessing and class weights."""
     class_names = list(args.class_names)
-    num_classes = len(class_names)
     data_root = Path(args.data_root) if args.data_root else ensure_default_phantom(args, context)
     args.data_root = str(data_root)
     cases = find_cases(data_root)
+    created = [path for path in (run_dir, run_dir / "splits.json") if not path.exists()]
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if context.distributed:
         dist.barrier()
+    try:
+        return prepare_data(args, context, run_dir, resumed, cases, class_names, data_root)
+    except BaseException:
+        # A failed start leaves nothing behind: the next command is not told the run exists.
+        if context.is_main:
+            for path in reversed(created):
+                if path.is_file():
+                    path.unlink()
+                elif path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+        raise
+
+
+def prepare_data(args, context: Context, run_dir: Path, resumed: bool, cases, class_names, data_root) -> Data:
+    num_classes = len(class_names)
     split = (load_or_make_split(cases, run_dir / "splits.json", args.seed, args.folds, args.fold)
              if context.is_main else None)
     split = gather_lists([split], context)[0]
@@ -448,6 +439,9 @@ def setup_data(args: argparse.Namespace, context: Context, run_dir: Path, resume
             args.spacing_source = args.spacing_source.replace("training", "non-test (all folds)")
 
     show_progress = context.is_main and sys.stderr.isatty()
+    if context.is_main and not show_progress:
+        print(f"Preprocessing {len(train_cases)} training and {len(val_cases)} validation volume(s) into memory ...",
+              flush=True)
     cache_workers = min(args.workers, 4) if args.workers > 0 else 1
     train_cache = cached_dataset(train_cases, args.spacing, num_classes, cache_workers, progress=show_progress,
                                  crop_indices=args.patch_size is not None)
@@ -479,7 +473,7 @@ def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_s
     model_args = {"in_channels": 1, "out_channels": len(data.class_names), "channels": list(args.channels),
                   "dropout": args.dropout, "deep_supervision": args.deep_supervision,
                   "gradient_checkpointing": args.checkpointing}
-    seed_everything(args.seed)
+    set_up_determinism(args.seed, args.deterministic, device)
     model = ImprovedUNet3D(**model_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
@@ -494,6 +488,7 @@ def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_s
         progress.start_epoch = int(resume_state["epoch"]) + 1
         progress.best_metric, progress.best_epoch = float(resume_state["best_metric"]), int(resume_state["best_epoch"])
         progress.stale_epochs = int(resume_state["epochs_without_improvement"])
+        progress.previous_end = resume_state.get("end_reason")
         if context.is_main:
             truncate_metrics(Path(args.out) / "metrics.csv", progress.start_epoch - 1)
             print(f"Resuming {Path(args.out) / 'last.pt'} after epoch {progress.start_epoch - 1} "
@@ -508,52 +503,55 @@ def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_s
     if context.distributed:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = make_loss(args.loss, data.class_weights.to(device))
-    return Model(model, network, model_args, optimizer, scaler, loss_fn, amp_dtype, compiled)
+    trainer = Trainer(network, optimizer, scaler, loss_fn, args.loss, amp_dtype)
+    return Model(model, network, model_args, optimizer, scaler, loss_fn, amp_dtype, compiled, trainer)
 
 
 def train_one_epoch(args, context: Context, model: Model, loader, stop: StopRequest, num_classes: int,
-                    device_augmentation=None, generator: torch.Generator | None = None) -> tuple[float, np.ndarray, bool]:
-    """Returns (mean loss, per-class Dice on the training crops, completed)."""
+                    device_augmentation=None, generator: torch.Generator | None = None) -> dict:
+    """One epoch of ``Trainer.step``. Returns the mean loss over the steps taken, per-class Dice on
+    the training crops, the number of skipped (non-finite) steps, whether the epoch completed, and
+    whether training diverged (too many non-finite steps in a row)."""
     device = context.device
     model.network.train()
-    sums = torch.zeros(2 + 3 * num_classes, dtype=torch.float64)  # loss sum, steps, tp/fp/fn per class
-    show = context.is_main and sys.stderr.isatty()
-    for batch in tqdm(loader, desc="train", leave=False, disable=not show, dynamic_ncols=True):
+    sums = torch.zeros(3 + 3 * num_classes, dtype=torch.float64)  # loss sum, steps, skipped, tp/fp/fn per class
+    outcome = {"loss": math.nan, "dice": np.full(num_classes, np.nan), "skipped": 0, "completed": False,
+               "diverged": False}
+    for batch in report_progress(loader, "train", enabled=context.is_main and sys.stderr.isatty()):
         if agree_to_stop(stop.requested, context):
-            return math.nan, np.full(num_classes, np.nan), False
+            return outcome
         images = batch["image"].to(device, non_blocking=True).as_tensor()
         labels = batch["label"].to(device, non_blocking=True).as_tensor()
-        # Gradients freed before the forward pass, not after it: one model's worth less at the peak.
-        model.optimizer.zero_grad(set_to_none=True)
         if device_augmentation is not None:
             images, labels = device_augmentation(images, labels, generator)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=model.amp_dtype or torch.float32, enabled=model.amp_dtype is not None):
-            output = model.network(images)
-        # The loss in float32: softmax and Dice sums of tiny organs lose precision in bf16.
-        loss, logits = deep_supervision_loss(model.loss_fn, args.loss, _float(output), labels)
-        model.scaler.scale(loss).backward()
-        model.scaler.step(model.optimizer)
-        model.scaler.update()
+        step = model.trainer.step(images, labels)
+        if step.skipped:
+            sums[2] += 1
+            if model.trainer.diverged:  # the same on every rank: decided on the averaged gradients
+                outcome["diverged"] = True
+                return outcome
+            continue
         with torch.no_grad():
-            sums[2:] += torch.from_numpy(overlap_counts(logits.argmax(1), labels[:, 0], num_classes).reshape(-1))
-        sums[0] += float(loss.detach())
+            sums[3:] += torch.from_numpy(overlap_counts(step.logits.argmax(1), labels[:, 0], num_classes).reshape(-1))
+        sums[0] += step.loss
         sums[1] += 1
     if agree_to_stop(stop.requested, context):
-        return math.nan, np.full(num_classes, np.nan), False
+        return outcome
     sums = all_reduce_sum(sums, context)
-    dice = dice_from_counts(sums[2:].numpy().reshape(num_classes, 3))
-    return float(sums[0] / max(sums[1], 1)), dice, True
+    outcome.update(loss=float(sums[0] / sums[1]) if sums[1] > 0 else math.nan,
+                   dice=dice_from_counts(sums[3:].numpy().reshape(num_classes, 3)), skipped=int(sums[2]),
+                   completed=True)
+    return outcome
 
 
-def validate(args, context: Context, model: Model, data: Data, final: bool = False) -> dict:
-    """Sliding-window inference on the validation volumes (split over ranks, gathered).
-
-    Dice is measured on each volume's source grid, the grid predict.py reports on, so the best
-    validation figure and the test figure mean the same thing; the loss is on the preprocessed
-    grid (the training objective). ``final`` also gathers the per-volume figures with and without
-    largest-component post-processing. Returns mean loss, mean Dice per class and the volumes."""
+def validate(args, context: Context, model: Model, data: Data) -> dict:
+    """Per-epoch model selection: sliding-window inference on the validation volumes (split over
+    ranks, gathered), loss and per-class Dice on the preprocessed grid against the preprocessed
+    labels. Cheap: nothing is resampled back to the source grid (the final validation of best.pt,
+    ``final_validation``, is on the source grid, as predict.py reports). Returns the mean loss and
+    the mean Dice per class; NaN loss when the network's output is not finite."""
     model.model.eval()
     num_classes = len(data.class_names)
     results = []
@@ -565,30 +563,40 @@ def validate(args, context: Context, model: Model, data: Data, final: bool = Fal
         with torch.no_grad():
             # The loss on probabilities turned back into log-space logits: the same objective as training.
             loss = compute_loss(model.loss_fn, args.loss, torch.log(probabilities.clamp_min(1e-8)), label)
-        source_probabilities = to_source_grid(probabilities[0].cpu(), item["image"])
-        prediction = labels_from_probabilities(source_probabilities)
-        if index not in data.source_labels:
-            data.source_labels[index] = load_source(data.val_cases[index].label)[0].astype(np.uint8)
-        target = data.source_labels[index]
-        record = {"case": data.val_cases[index].case_id, "loss": float(loss),
-                  "dice": dice_per_class(prediction, target, num_classes).tolist()}
-        if final:
-            spacing = nib.load(data.val_cases[index].image).header.get_zooms()[:3]  # the header only
-            record["figures"] = volume_figures(prediction, target, num_classes, spacing)
-            entropy = normalised_entropy(source_probabilities).numpy()
-            record["uncertainty"] = organ_uncertainty(entropy, prediction, num_classes).tolist()
-        results.append(record)
+            finite = bool(torch.isfinite(probabilities).all())
+        dice = dice_per_class(probabilities[0].argmax(0), label[0, 0], num_classes)
+        results.append({"loss": float(loss) if finite else math.nan, "dice": dice.tolist()})
     results = gather_lists(results, context)
     dice = np.array([r["dice"] for r in results], dtype=float).reshape(-1, num_classes)
     return {"loss": float(np.mean([r["loss"] for r in results])) if results else math.nan,
-            "dice": np.array([nan_mean(dice[:, c]) for c in range(num_classes)]), "volumes": results}
+            "dice": np.array([nan_mean(dice[:, c]) for c in range(num_classes)])}
+
+
+def final_validation(args, context: Context, model: Model, data: Data) -> list[dict]:
+    """best.pt on every validation volume through ``evaluation.evaluate_volume``, as predict.py
+    evaluates a test volume (source grid, predict.py's overlap, no TTA), with each organ's figures
+    with and without its largest-component step: the records the post-processing decision and
+    the review rule are fitted on."""
+    model.model.eval()
+    records = []
+    indices = range(context.rank, len(data.val_cache), context.world_size)
+    for index in report_progress(indices, "final validation", enabled=context.is_main):
+        item, case = data.val_cache[index], data.val_cases[index]
+        probabilities = predict_probabilities(model.model, item["image"][None], args.roi_size, PREDICTION_OVERLAP,
+                                              False, model.amp_dtype)[0].cpu()
+        target = load_source(case.label)[0]
+        result = evaluate_volume(probabilities, item["image"], read_nifti_header(case.image), data.class_names,
+                                 target=target, alternatives=True)
+        records.append({"case": case.case_id, **{key: result[key] for key in (
+            "dice", "hd95", "uncertainty", "dice_lcc", "hd95_lcc", "uncertainty_lcc")}})
+    return gather_lists(records, context)
 
 
 def checkpoint_state(args, data: Data, model: Model, progress: Progress, epoch: int) -> dict:
     """last.pt: everything to resume. best.pt takes the weights-only subset (``weights_only_state``)."""
     return {**weights_only_state(args, data, model, progress, epoch), "optimizer": model.optimizer.state_dict(),
             "scaler": model.scaler.state_dict(), "epochs_without_improvement": progress.stale_epochs,
-            "rng": {"torch": torch.get_rng_state()}}
+            "rng": {"torch": torch.get_rng_state()}, "end_reason": progress.end_reason}
 
 
 def weights_only_state(args, data: Data, model: Model, progress: Progress, epoch: int) -> dict:
@@ -596,7 +604,7 @@ def weights_only_state(args, data: Data, model: Model, progress: Progress, epoch
     return {"model": model.model.state_dict(), "model_args": model.model_args, "config": plain_config(args),
             "class_names": data.class_names, "split": data.split, "epoch": epoch,
             "best_metric": progress.best_metric, "best_epoch": progress.best_epoch,
-            "class_weights": data.class_weights.tolist()}
+            "class_weights": data.class_weights.tolist(), "modality": "MR"}
 
 
 def run_epochs(args, context: Context, data: Data, model: Model, progress: Progress) -> None:
@@ -604,57 +612,69 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
     num_classes = len(data.class_names)
     device_augmentation = DeviceAugmentation() if args.augment == "device" else None
     sampler = (DistributedSampler(data.train_data, shuffle=True, seed=args.seed) if context.distributed else None)
+    epoch = progress.start_epoch - 1
     with StopRequest() as stop:
         for epoch in range(progress.start_epoch, args.epochs + 1):
+            if progress.stale_epochs >= args.patience:  # a resumed run that had stopped early
+                progress.stopped_early = True
+                break
             started = time.time()
             lr = learning_rate(epoch, args.epochs, args.lr)
             for group in model.optimizer.param_groups:
                 group["lr"] = lr
-            # Seeded from (seed, epoch): a resumed run draws the same augmentations and order.
-            # Each rank draws its own crops and augmentations.
-            epoch_seed = args.seed * 1000 + epoch + 7919 * context.rank
-            seed_everything(epoch_seed)
+            # Seeded from (seed, epoch, rank): a resumed run draws the same augmentations and order,
+            # consecutive epochs and ranks draw their own.
+            seed = epoch_seed(args.seed, epoch, context.rank)
+            seed_random_generators(seed)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            loader = DataLoader(data.train_data, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                                num_workers=args.workers, generator=torch.Generator().manual_seed(epoch_seed),
-                                drop_last=False, pin_memory=context.device.type == "cuda", persistent_workers=False,
-                                worker_init_fn=ignore_stop_signals)
+            loader = training_loader(data.train_data, args.batch_size, args.workers, seed, sampler,
+                                     pin_memory=context.device.type == "cuda")
             try:
-                train_loss, train_dice, completed = train_one_epoch(
-                    args, context, model, loader, stop, num_classes, device_augmentation,
-                    torch.Generator(context.device).manual_seed(epoch_seed))
+                outcome = train_one_epoch(args, context, model, loader, stop, num_classes, device_augmentation,
+                                          torch.Generator(context.device).manual_seed(seed))
             except torch.OutOfMemoryError:
                 raise SystemExit(out_of_memory_message("training", args.patch_size)) from None
-            if not completed:
+            if outcome["diverged"]:
+                progress.diverged = divergence_message(epoch, model.trainer.nonfinite_in_a_row, model.amp_dtype, lr,
+                                                       progress.best_epoch)
+                break
+            if not outcome["completed"]:
                 progress.interrupted = True
                 break
+            train_seconds = time.time() - started
             try:
                 validation = validate(args, context, model, data)
             except torch.OutOfMemoryError:
                 raise SystemExit(out_of_memory_message("validation", args.roi_size)) from None
+            progress.trained_epochs += 1
             val_dice = validation["dice"]
             mean_fg = nan_mean(val_dice[1:])
-            improved = mean_fg > progress.best_metric
+            # A non-finite validation (or weights) is never the best: best.pt keeps the last finite model.
+            improved = (math.isfinite(mean_fg) and math.isfinite(validation["loss"]) and mean_fg > progress.best_metric
+                        and parameters_finite(model.model))
             if improved:
                 progress.best_metric, progress.best_epoch, progress.stale_epochs = mean_fg, epoch, 0
             else:
                 progress.stale_epochs += 1
             if context.is_main:
-                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": validation["loss"]}
+                row = {"epoch": epoch, "train_loss": outcome["loss"], "val_loss": validation["loss"]}
                 row.update({f"dice_{n}": val_dice[c] for c, n in enumerate(data.class_names)})
-                row.update({"mean_fg_dice": mean_fg, "lr": lr, "seconds": time.time() - started})
-                row.update({f"train_dice_{n}": train_dice[c] for c, n in enumerate(data.class_names)})
+                row.update({"mean_fg_dice": mean_fg, "lr": lr, "seconds": time.time() - started,
+                            "train_seconds": train_seconds, "val_seconds": time.time() - started - train_seconds,
+                            "skipped_steps": outcome["skipped"]})
+                row.update({f"train_dice_{n}": outcome["dice"][c] for c, n in enumerate(data.class_names)})
                 write_metrics_row(run_dir / "metrics.csv", row)
                 save_checkpoint(checkpoint_state(args, data, model, progress, epoch), run_dir / "last.pt")
                 if improved:
                     save_checkpoint(weights_only_state(args, data, model, progress, epoch), run_dir / "best.pt")
                 from figures import save_training_curves
                 save_training_curves(run_dir / "metrics.csv", data.class_names, run_dir / "training_curves.png")
-                print(f"epoch {epoch:3d}/{args.epochs}  loss {train_loss:.4f}/{validation['loss']:.4f}  dice "
+                skipped = f"  skipped {outcome['skipped']} non-finite step(s)" if outcome["skipped"] else ""
+                print(f"epoch {epoch:3d}/{args.epochs}  loss {outcome['loss']:.4f}/{validation['loss']:.4f}  dice "
                       + " ".join(f"{n[:4]} {d:.3f}" for n, d in zip(data.class_names[1:], val_dice[1:]))
-                      + f"  fg {mean_fg:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s" + ("  best" if improved else ""),
-                      flush=True)
+                      + f"  fg {mean_fg:.4f}  lr {lr:.2e}  {train_seconds:.1f}+{row['val_seconds']:.1f}s"
+                      + skipped + ("  best" if improved else ""), flush=True)
             if progress.stale_epochs >= args.patience:
                 progress.stopped_early = True
                 if context.is_main:
@@ -663,46 +683,66 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
             if agree_to_stop(stop.requested, context):
                 progress.interrupted = True
                 break
+    progress.finished = not progress.interrupted and not progress.diverged
+    if context.is_main and not progress.interrupted and (run_dir / "last.pt").exists():
+        if progress.trained_epochs == 0 and not progress.diverged:
+            print(f"Nothing to train: the run ended at epoch {epoch} ({progress.previous_end or 'completed'}); raise "
+                  "--epochs or --patience to train on.")
+        else:
+            # Why the run ended, so that --resume does not train a finished run again.
+            state = load_checkpoint(run_dir / "last.pt")
+            state["end_reason"] = progress.end_reason
+            save_checkpoint(state, run_dir / "last.pt")
 
 
 def finish(args, context: Context, data: Data, model: Model, progress: Progress) -> None:
-    """Decide post-processing on the validation patients with the best weights, report, and check
-    that all ranks ended with the same weights."""
+    """Fit post-processing and the review rule on the validation patients with the best weights
+    (unless a finished run was resumed with nothing to train and both are there), report, and
+    check that all ranks ended with the same weights."""
     run_dir = Path(args.out)
-    if not progress.interrupted and (run_dir / "best.pt").exists():
+    already_fitted = (progress.trained_epochs == 0 and (run_dir / "postprocessing.json").exists()
+                      and (run_dir / "uncertainty.json").exists())
+    if not progress.interrupted and (run_dir / "best.pt").exists() and not already_fitted:
         if context.distributed:
             dist.barrier()  # rank 0 wrote best.pt
         model.model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
-        validation = validate(args, context, model, data, final=True)
+        records = final_validation(args, context, model, data)
         if context.is_main:
-            decision = decide_postprocessing([v["figures"] for v in validation["volumes"]], data.class_names)
-            decision["volumes"] = [{"case": v["case"], **v["figures"]} for v in validation["volumes"]]
-            (run_dir / "postprocessing.json").write_text(json.dumps(json_ready(decision), indent=2) + "\n")
-            kept = ", ".join(decision["largest_component"]) or "none"
-            print(f"Post-processing decided on {len(validation['volumes'])} validation volume(s): largest connected "
-                  f"component kept for {kept} ({run_dir / 'postprocessing.json'})")
-            write_review_rule(run_dir / "uncertainty.json", validation["volumes"], data.class_names)
+            write_validation_fits(run_dir, records, data.class_names)
     if context.is_main:
         if progress.interrupted:
             print(f"Interrupted. {run_dir / 'last.pt'} holds the last completed epoch; continue with --resume.")
-        else:
+        elif progress.best_epoch:
             print(f"Done{' (early stop)' if progress.stopped_early else ''}. Best validation mean foreground Dice "
-                  f"{progress.best_metric:.4f} at epoch {progress.best_epoch}: {run_dir / 'best.pt'}")
+                  f"{progress.best_metric:.4f} (preprocessed grid) at epoch {progress.best_epoch}: {run_dir / 'best.pt'}")
     if context.distributed:
         message = check_replicas_identical(model.model)
         if context.is_main:
             print(message, flush=True)
         dist.barrier()
         dist.destroy_process_group()
+    if progress.diverged:
+        raise TrainingDiverged(progress.diverged)
 
 
-def write_review_rule(path: Path, volumes: list[dict], class_names: list[str]) -> None:
-    """The uncertainty thresholds that flag a case for review, fitted on the validation volumes,
-    stored with the per-volume scores and Dice behind them (so an ensemble can refit on the pooled
-    validation volumes of all its members)."""
-    rule = fit_from_volumes(volumes, class_names)
-    rule["volumes"] = [{"case": v["case"], "uncertainty": v["uncertainty"], "dice": v["dice"]} for v in volumes]
-    path.write_text(json.dumps(json_ready(rule), indent=2) + "\n")
+def write_validation_fits(run_dir: Path, records: list[dict], class_names: list[str]) -> None:
+    """postprocessing.json: the largest-component decision with the per-volume figures behind it.
+    uncertainty.json: the review rule fitted on the validation volumes as predict.py will see
+    them (post-processed, no TTA, predict.py's overlap), those settings, and the per-volume scores
+    and Dice (so an ensemble can refit on the pooled validation volumes of all its members)."""
+    decision = decide_postprocessing(records, class_names)
+    decision["volumes"] = [{key: r[key] for key in ("case", "dice", "hd95", "dice_lcc", "hd95_lcc")} for r in records]
+    (run_dir / "postprocessing.json").write_text(json.dumps(json_ready(decision), indent=2) + "\n")
+    kept = decision["largest_component"]
+    selected = [with_postprocessing(r, kept, class_names) for r in records]
+    rule = fit_from_volumes(selected, class_names)
+    rule["settings"] = review_settings(tta=False, overlap=PREDICTION_OVERLAP, largest_component=kept)
+    rule["volumes"] = [{key: r[key] for key in ("case", "uncertainty", "dice", "hd95")} for r in selected]
+    (run_dir / "uncertainty.json").write_text(json.dumps(json_ready(rule), indent=2) + "\n")
+    dice = np.array([r["dice"] for r in selected], dtype=float).reshape(-1, len(class_names))
+    print(f"Final validation of best.pt on {len(records)} volume(s), each on its source grid with the decided "
+          f"post-processing (largest connected component kept for {', '.join(kept) or 'no organ'}): "
+          + " ".join(f"{n} {nan_mean(dice[:, c]):.3f}" for c, n in enumerate(class_names) if c > 0), flush=True)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -723,6 +763,8 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
         print(f"  {key:<18} {value}")
     print(f"  {'device':<18} {context.device} x {context.world_size} process(es)")
     print(f"  {'precision':<18} {amp_dtype if amp_dtype else 'float32'}")
+    print(f"  {'validation':<18} per epoch on the preprocessed grid (overlap {args.overlap}); best.pt's final "
+          f"validation on each volume's source grid (overlap {PREDICTION_OVERLAP}), as predict.py reports")
     print(f"  {'patients':<18} train {len(split['train'])} ({n_train} volumes), val {len(split['val'])} "
           f"({n_val} volumes), test {len(split['test'])}")
     print("=" * 72, flush=True)

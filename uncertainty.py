@@ -74,7 +74,8 @@ def write_uncertainty(entropy: np.ndarray, source: nib.Nifti1Image, path: str | 
     nib.save(image, str(path))
 
 
-def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int,
+                      classes: Sequence[int] | None = None) -> np.ndarray:
     """Uncertainty score per class, ``(num_classes,)``: the mean of ``entropy (X, Y, Z)`` over the
     boundary band of the class's predicted mask in ``labels (X, Y, Z)``; NaN where the class is
     not predicted, and NaN for the background (index 0), which has no contour to review.
@@ -92,7 +93,8 @@ def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int)
     caught by the flag rule instead (see ``fit_flag_thresholds``).
 
     The edge of the array is not a contour (the body runs out of the field of view), so
-    erosion treats outside the array as organ there.
+    erosion treats outside the array as organ there. ``classes`` limits the work to those classes
+    (the others stay NaN).
     """
     entropy, labels = np.asarray(entropy), np.asarray(labels)
     if entropy.shape != labels.shape:
@@ -100,7 +102,7 @@ def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int)
     scores = np.full(num_classes, np.nan)
     structure = ndimage.generate_binary_structure(labels.ndim, 1)
     boxes = ndimage.find_objects(labels.astype(np.int64, copy=False), max_label=num_classes - 1)
-    for c in range(1, num_classes):
+    for c in (range(1, num_classes) if classes is None else [c for c in classes if c > 0]):
         box = boxes[c - 1] if c - 1 < len(boxes) else None
         if box is None:
             continue
@@ -173,6 +175,12 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
     return {"score": ORGAN_SCORE, "rule": FLAG_RULE, "poor": f"Dice below the organ's validation "
             f"{poor_quantile:g} quantile", "poor_quantile": poor_quantile, "fallback_quantile": fallback_quantile,
             "n_cases": int(scores.shape[0]), "organs": organs}
+
+
+def review_settings(tta: bool, overlap: float, largest_component: Sequence[str]) -> dict:
+    """The prediction settings a review rule is fitted under (the scores depend on them): stored
+    with the rule, so that predict.py refits when it runs with other settings."""
+    return {"tta": bool(tta), "overlap": float(overlap), "largest_component": sorted(largest_component)}
 
 
 def fit_from_volumes(volumes: Sequence[dict], class_names: Sequence[str]) -> dict:

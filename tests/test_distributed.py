@@ -110,7 +110,9 @@ def test_ddp_rank_zero_alone_writes_the_run_folder(ddp_run):
 
 def test_ddp_validation_gathers_every_volume_from_both_ranks(ddp_run):
     """metrics.csv's validation Dice (volumes split over two ranks, gathered) must equal the Dice a
-    single process computes from last.pt over all validation volumes, on their source grids."""
+    single process computes from last.pt over all validation volumes, on the preprocessed grid
+    against the preprocessed labels (per-epoch model selection; the source grid is for best.pt's
+    final validation)."""
     assert ddp_run["result"].returncode == 0, explain(ddp_run["result"])
     run_dir = ddp_run["run"]
     state = load_checkpoint(run_dir / "last.pt")
@@ -126,8 +128,8 @@ def test_ddp_validation_gathers_every_volume_from_both_ranks(ddp_run):
         amp_dtype = inference.autocast_dtype(torch.device("cpu"), enabled=not config["no_amp"])
         probabilities = inference.predict_probabilities(model, item["image"][None], config["roi_size"],
                                                         config["overlap"], amp_dtype=amp_dtype)
-        labels = inference.labels_from_probabilities(inference.to_source_grid(probabilities[0], item["image"]))
-        target = np.asanyarray(nib.load(case.label).dataobj)
+        labels = probabilities[0].argmax(0).numpy()
+        target = item["label"][0].numpy()
         per_volume.append(metrics.dice_per_class(labels, target, NUM_CLASSES))
     per_volume = np.array(per_volume)
     assert per_volume[0, 0] != pytest.approx(per_volume[1, 0], abs=1e-4), \

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 import pytest
 import torch
 
@@ -314,9 +315,13 @@ def test_finer_spacing_returns_to_source_grid_almost_exactly(non_ras_case):
         assert dice_per_class(back, non_ras_case["label_array"], NUM_CLASSES)[c] > 0.95
 
 
-def test_twice_coarser_spacing_returns_within_a_one_voxel_border(non_ras_case):
+def test_twice_coarser_spacing_returns_within_one_coarse_voxel_of_a_border(non_ras_case):
     """At 2x coarser voxels the round trip can only be exact away from organ borders: every voxel
-    that differs must lie within one source voxel of a border in the original labels."""
+    that differs must lie within one coarse voxel (two source voxels) of a border in the original
+    labels. Labels are resampled as one-hot masks averaged over each coarse voxel, so a coarse
+    voxel takes its majority class and a block a single class wins loses its other voxels: up to
+    one coarse voxel from the border (tests/test_engine.py checks that this reaches the one-hot
+    bound)."""
     label = non_ras_case["label_array"]
     spacing = lps_spacing(non_ras_case["affine"])
     item = preprocessing([2 * s for s in spacing], NUM_CLASSES)({"image": non_ras_case["image"],
@@ -325,10 +330,11 @@ def test_twice_coarser_spacing_returns_within_a_one_voxel_border(non_ras_case):
     assert back.shape == SOURCE_SHAPE
     padded = np.pad(label, 1, mode="edge")
     near_border = np.zeros(label.shape, dtype=bool)
-    for shift in np.ndindex(3, 3, 3):  # a voxel is near a border if any of its 26 neighbours differs
+    for shift in np.ndindex(3, 3, 3):  # a voxel is on a border if any of its 26 neighbours differs
         window = padded[shift[0]:shift[0] + label.shape[0], shift[1]:shift[1] + label.shape[1],
                         shift[2]:shift[2] + label.shape[2]]
         near_border |= window != label
+    near_border = ndimage.binary_dilation(near_border, np.ones((3, 3, 3), dtype=bool))  # and one voxel beyond
     wrong = back != label
     assert wrong.any()  # 2x coarser is not lossless on these small blocks
     assert not (wrong & ~near_border).any(), f"{int((wrong & ~near_border).sum())} voxels wrong away from borders"

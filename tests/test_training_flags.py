@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
 import inference  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
+import training  # noqa: E402
 from cli import run_cli  # noqa: E402
 from conftest import synthetic_case, write_case, write_dataset  # noqa: E402
 from dataset import find_cases, preprocessing  # noqa: E402
@@ -218,12 +219,12 @@ def test_deep_supervision_loss_is_the_weighted_sum_of_three_levels(kind):
     terms = [reference(output, target) for output, target in zip([logits, *aux], targets)]
     expected = (terms[0] + 0.5 * terms[1] + 0.25 * terms[2]) / 1.75
 
-    loss, main = train.deep_supervision_loss(train.make_loss(kind, weights), kind, (logits, aux), labels)
+    loss, main = training.deep_supervision_loss(training.make_loss(kind, weights), kind, (logits, aux), labels)
     assert main is logits
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
     # The auxiliary terms really count: the main term alone is another number.
     assert abs(float(expected) - float(terms[0])) > 1e-3
-    plain, _ = train.deep_supervision_loss(train.make_loss(kind, weights), kind, logits, labels)
+    plain, _ = training.deep_supervision_loss(training.make_loss(kind, weights), kind, logits, labels)
     torch.testing.assert_close(plain, terms[0], rtol=1e-6, atol=1e-7)
 
 

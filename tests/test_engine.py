@@ -1,0 +1,367 @@
+"""The training engine: seeded loaders whose augmentation changes every epoch and differs between
+workers, labels resampled onto their image's grid, one geometry (the affine), foreground-only
+HD95, non-finite steps caught, resume after an early stop, and the review rule fitted on exactly
+what predict.py thresholds. Real NIfTI files, the real loader, model and training loop."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai import transforms as mt
+from monai.data import Dataset, MetaTensor, NibabelReader, image_reader
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import training  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from conftest import synthetic_case, write_case, write_dataset, write_nifti  # noqa: E402
+from dataset import (DataError, LoadValidated, augmentation, cached_dataset, find_cases, preprocessing,  # noqa: E402
+                     voxel_volume_ml)
+from evaluation import evaluate_volume  # noqa: E402
+from metrics import hd95_per_class  # noqa: E402
+from modules import ImprovedUNet3D  # noqa: E402
+
+TIMEOUT_S = 300
+TINY = ["--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0", "--device", "cpu"]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+def digest(batch: dict) -> str:
+    hasher = hashlib.sha256()
+    for key in ("image", "label"):
+        hasher.update(torch.as_tensor(batch[key]).numpy().tobytes())
+    return hasher.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loader seeding
+
+@pytest.fixture(scope="module")
+def six_copies(tmp_path_factory):
+    """Six training items that are all the same volume: any difference between the batches is the
+    augmentation's doing."""
+    root = tmp_path_factory.mktemp("copies")
+    write_case(root, 4, 0, shape=(32, 28, 24))
+    case = find_cases(root)[0]
+    cases = [case] * 6
+    return cached_dataset(cases, (1.7, 1.7, 1.56), crop_indices=True)
+
+
+def one_epoch(cache, epoch: int, seed: int = 0, workers: int = 2) -> list[str]:
+    """Batches of one epoch from the loader train.py builds with --augment loader (every MONAI
+    random transform in the workers), plus whether each worker ignored SIGTERM."""
+    crop_ratios = [0.5] + [1.0] * 5
+    transform = mt.Compose([augmentation((16, 16, 16), 6, crop_ratios, spatial_on_device=False),
+                            mt.Lambda(lambda item: {**item, "sigterm_ignored": torch.tensor(
+                                signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)})])
+    loader = training.training_loader(Dataset(cache, transform=transform), 1, workers,
+                                      training.epoch_seed(seed, epoch))
+    batches = list(loader)
+    if workers:
+        assert all(bool(b["sigterm_ignored"].all()) for b in batches), "a loader worker did not ignore SIGTERM"
+    return [digest(b) for b in batches]
+
+
+def test_loaders_with_the_same_seed_draw_the_same_batches(six_copies):
+    assert one_epoch(six_copies, 1) == one_epoch(six_copies, 1)
+
+
+def test_consecutive_epochs_draw_different_augmentations(six_copies):
+    first, second = one_epoch(six_copies, 1), one_epoch(six_copies, 2)
+    assert not set(first) & set(second), "epoch 2 repeated a crop of epoch 1"
+
+
+def test_the_two_workers_draw_different_augmentations(six_copies):
+    batches = one_epoch(six_copies, 1)
+    # batch i comes from worker i % 2: the same volume, so equal pairs would mean equal seeds
+    assert batches[0::2] != batches[1::2]
+    assert len(set(batches)) == len(batches), f"repeated crops within an epoch: {batches}"
+
+
+def test_without_workers_the_epochs_still_differ_and_repeat(six_copies):
+    first = one_epoch(six_copies, 1, workers=0)
+    assert first == one_epoch(six_copies, 1, workers=0)
+    assert first != one_epoch(six_copies, 2, workers=0)
+
+
+def test_determinism_is_set_once_and_leaves_the_autotuner_on_unless_asked():
+    import train
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        train.set_up_determinism(0, False, torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        train.set_up_determinism(0, True, torch.device("cuda"))
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before
+
+
+# ----------------------------------------------------------------------------- labels on the image's grid
+
+def world_centroid(weights: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    index = np.stack(np.nonzero(weights > 0)).astype(np.float64)
+    w = weights[weights > 0].astype(np.float64)
+    voxel = (index * w).sum(axis=1) / w.sum()
+    return affine[:3, :3] @ voxel + affine[:3, 3]
+
+
+@pytest.mark.parametrize("factor", [2.0, 3.0, 1.5, 0.75])
+def test_a_centred_sphere_keeps_its_label_centroid_on_the_image_centroid(tmp_path, factor):
+    shape, spacing = (48, 48, 36), (1.0, 1.0, 1.2)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    centre = (np.array(shape) - 1) / 2
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    sphere = (((grid - centre) * spacing) ** 2).sum(-1) <= 12.0 ** 2
+    image_path = write_nifti(tmp_path / "image.nii.gz", np.where(sphere, 100.0, 10.0).astype(np.float32), affine)
+    label_path = write_nifti(tmp_path / "label.nii.gz", sphere.astype(np.uint8), affine)
+    item = preprocessing([s * factor for s in spacing])({"image": str(image_path), "label": str(label_path)})
+    new_affine = np.asarray(item["image"].affine, dtype=np.float64)
+    image_centroid = world_centroid(item["image"][0].numpy(), new_affine)
+    label_centroid = world_centroid((item["label"][0].numpy() == 1).astype(float), new_affine)
+    assert np.abs(label_centroid - image_centroid).max() < 0.05, (label_centroid, image_centroid)
+    # and both on the sphere's true centre, computed from the source affine
+    true_centre = affine[:3, :3] @ centre + affine[:3, 3]
+    assert np.abs(label_centroid - true_centre).max() < 0.05
+
+
+def test_a_2x_round_trip_reaches_the_one_hot_bound(tmp_path):
+    """The bound, computed here: average each class's mask over 2x2x2 blocks, arg-max, and
+    repeat back. The project's 2x labels repeated back must reach it for every class."""
+    shape = (48, 40, 32)
+    image, label = synthetic_case(shape, seed=3)
+    affine = np.diag([-1.0, -1.0, 1.5, 1.0])
+    write_nifti(tmp_path / "image.nii.gz", image, affine)
+    write_nifti(tmp_path / "label.nii.gz", label, affine, dtype=np.uint8)
+    item = preprocessing([2.0, 2.0, 3.0])({"image": str(tmp_path / "image.nii.gz"),
+                                          "label": str(tmp_path / "label.nii.gz")})
+    coarse = item["label"][0].numpy().astype(np.int64)
+    assert coarse.shape == tuple(n // 2 for n in shape)
+
+    def back(labels):
+        return labels.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+
+    blocks = np.stack([(label == c).reshape(24, 2, 20, 2, 16, 2).mean(axis=(1, 3, 5)) for c in range(6)])
+    bound_labels = back(blocks.argmax(0))
+
+    def dice(a, b, c):
+        return 2 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum())
+
+    for c in range(1, 6):
+        assert dice(back(coarse), label, c) >= dice(bound_labels, label, c) - 1e-9, f"class {c}"
+
+
+# ----------------------------------------------------------------------------- one geometry
+
+def nifti_with_forms(path: Path, data, sform: np.ndarray, qform: np.ndarray) -> Path:
+    image = nib.Nifti1Image(np.asarray(data), sform)
+    image.set_sform(sform, code=1)
+    image.set_qform(qform, code=1)
+    nib.save(image, str(path))
+    return path
+
+
+def test_a_file_whose_sform_and_qform_disagree_in_voxel_size_is_refused_in_one_line(tmp_path):
+    image, label = synthetic_case((24, 20, 16))
+    root = tmp_path / "data"
+    write_dataset(root, patients=(4, 5, 6), weeks=(0,))
+    bad_files = [root / "semantic_MRs_anon" / f"Case_{p:03d}_Week0_LFOV.nii.gz" for p in (4, 5, 6)]
+    for bad in bad_files:  # every patient's, since a test patient's image is not read in training
+        nifti_with_forms(bad, image, np.diag([-1.7, -1.7, 1.56, 1]), np.diag([-0.85, -0.85, 0.78, 1]))
+    with pytest.raises(DataError) as error:
+        LoadValidated(("image", "label"))({"image": str(bad)})
+    message = str(error.value)
+    assert message.startswith(str(bad)) and "sform and qform disagree" in message and "\n" not in message
+    result = run("train.py", "--data-root", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY)
+    assert result.returncode == 2, explain(result)
+    line = result.stderr.strip()
+    assert "\n" not in line and "sform and qform disagree" in line, explain(result)
+    assert any(line.startswith(f"error: {bad}:") for bad in bad_files), line
+    assert not (tmp_path / "run").exists(), "a failed start left its run folder behind"
+
+
+def test_the_affine_is_the_one_geometry_and_monai_header_fix_up_still_runs(tmp_path, monkeypatch):
+    """Only the sform set (qform code 0) and a stale pixdim: MONAI's reader alone would replace
+    the sform with a qform built from pixdim. The project's reader keeps nibabel's affine, still
+    calls MONAI's fix-up, and volume and HD95 come from the affine."""
+    affine = np.diag([-2.0, -1.0, 1.5, 1.0])
+    label = np.zeros((20, 16, 12), dtype=np.uint8)
+    label[4:10, 4:10, 3:8] = 1
+    image = nib.Nifti1Image(label, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(None, code=0)
+    image.header["pixdim"][1:4] = (1.0, 1.0, 1.0)
+    path = tmp_path / "label.nii.gz"
+    nib.save(image, str(path))
+    source = nib.load(str(path))
+    assert np.allclose(source.affine, affine) and tuple(source.header.get_zooms()) == (1.0, 1.0, 1.0)
+    monai_reader = NibabelReader()
+    monai_alone = monai_reader.get_data(monai_reader.read(str(path)))[1]["affine"]
+    assert not np.allclose(np.asarray(monai_alone), affine), "MONAI's reader no longer rewrites this header"
+
+    calls = []
+    original = image_reader.correct_nifti_header_if_necessary
+    monkeypatch.setattr(image_reader, "correct_nifti_header_if_necessary",
+                        lambda img: calls.append(1) or original(img))
+    loaded = LoadValidated(("image",)).load(str(path))
+    assert calls, "MONAI's header fix-up was not called"
+    assert np.allclose(np.asarray(loaded.affine), affine)
+    assert voxel_volume_ml(source.affine) == pytest.approx(2.0 * 1.0 * 1.5 / 1000)
+
+    # evaluate_volume on a prediction shifted 2 voxels along axis 0 (2 mm each by the affine)
+    prediction = np.roll(label, 2, axis=0)
+    probabilities = torch.from_numpy(np.stack([(prediction == c) for c in range(2)]).astype(np.float32))
+    grid = MetaTensor(torch.zeros(1, *label.shape), affine=torch.as_tensor(affine),
+                      meta={"original_affine": affine, "spatial_shape": np.array(label.shape)})
+    result = evaluate_volume(probabilities, grid, source, ["background", "organ"], target=label)
+    assert np.array_equal(result["labels"], prediction)
+    assert result["hd95"][1] == pytest.approx(4.0)
+    assert math.isnan(result["hd95"][0]), "HD95 of the background is not computed"
+    assert result["pred_volume_ml"][1] == pytest.approx(label.sum() * 3.0 / 1000)
+    assert result["gt_volume_ml"][1] == pytest.approx(label.sum() * 3.0 / 1000)
+
+
+def test_hd95_is_for_the_foreground_only_by_hand():
+    target = np.zeros((16, 16, 16), dtype=np.uint8)
+    target[4:10, 4:10, 4:10] = 1
+    prediction = np.roll(target, 3, axis=2)
+    hd95 = hd95_per_class(prediction, target, 2, (1.0, 1.0, 0.5))
+    assert math.isnan(hd95[0]) and hd95[1] == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+def test_a_non_finite_step_is_skipped_and_the_next_finite_one_trains():
+    torch.manual_seed(0)
+    model = ImprovedUNet3D(channels=(4, 8, 8, 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    trainer = training.Trainer(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                               training.make_loss("combined", torch.ones(6)), "combined", None)
+    images, labels = torch.rand(1, 1, 16, 16, 16), torch.randint(0, 6, (1, 1, 16, 16, 16)).float()
+    before = [p.detach().clone() for p in model.parameters()]
+    step = trainer.step(torch.full_like(images, float("nan")), labels)
+    assert step.skipped and math.isnan(step.loss) and trainer.nonfinite_in_a_row == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "a skipped step changed the weights"
+    step = trainer.step(images, labels)
+    assert not step.skipped and math.isfinite(step.loss) and trainer.nonfinite_in_a_row == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_run_driven_to_nan_stops_in_one_line_and_its_best_pt_still_predicts(tmp_path):
+    root = write_dataset(tmp_path / "data", patients=(4, 5, 6, 7, 8), weeks=(0, 1))
+    run_dir = tmp_path / "run"
+    result = run("train.py", "--data-root", str(root), "--out", str(run_dir), "--epochs", "1", *TINY)
+    assert result.returncode == 0, explain(result)
+    best_bytes = (run_dir / "best.pt").read_bytes()
+    # Weights thrown to 1e30: every forward pass of the next epoch overflows to NaN.
+    state = load_checkpoint(run_dir / "last.pt")
+    state["model"] = {k: (v * 1e30 if k.endswith("conv1.weight") else v) for k, v in state["model"].items()}
+    save_checkpoint(state, run_dir / "last.pt")
+    result = run("train.py", "--out", str(run_dir), "--resume", "--epochs", "3")
+    assert result.returncode == 2, explain(result)
+    line = result.stderr.strip()
+    assert "\n" not in line and "epoch 2:" in line and "non-finite" in line and "best.pt (epoch 1)" in line, line
+    assert (run_dir / "best.pt").read_bytes() == best_bytes, "best.pt was replaced by a diverged model"
+    assert load_checkpoint(run_dir / "last.pt")["end_reason"] == "diverged"
+    out = tmp_path / "pred"
+    result = run("predict.py", "--checkpoint", str(run_dir / "best.pt"), "--data-root", str(root), "--split", "test",
+                 "--out", str(out), "--device", "cpu", "--no-figures")
+    assert result.returncode == 0, explain(result)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 2 and summary["per_class_dice"]["body"] is not None
+
+
+# ----------------------------------------------------------------------------- resume, review rule
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("finished")
+    root = write_dataset(base / "data", patients=(4, 5, 6, 7, 8), weeks=(0, 1, 2))
+    run_dir = base / "run"
+    result = run("train.py", "--data-root", str(root), "--out", str(run_dir), "--epochs", "3", "--patience", "1",
+                 "--deterministic", *TINY)
+    assert result.returncode == 0, explain(result)
+    return {"root": root, "run": run_dir, "result": result}
+
+
+def test_training_logs_its_steps_and_the_grid_of_each_figure(finished_run):
+    result = finished_run["result"]
+    assert "final validation: 1 of 3" in result.stderr, explain(result)
+    assert "per epoch on the preprocessed grid" in result.stdout
+    assert "Final validation of best.pt on 3 volume(s), each on its source grid" in result.stdout
+    header = (finished_run["run"] / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_seconds", "val_seconds", "skipped_steps"} <= set(header)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_best_pt(finished_run):
+    run_dir = finished_run["run"]
+    last = load_checkpoint(run_dir / "last.pt")
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        scores = [float(row["mean_fg_dice"]) for row in csv.DictReader(handle)]
+    # with --patience 1: stopped early exactly when the last epoch did not improve on the best
+    best_epoch = 1 + int(np.argmax(scores))
+    assert last["end_reason"] == ("early_stop" if len(scores) > best_epoch else "completed")
+    best_bytes, metrics = (run_dir / "best.pt").read_bytes(), (run_dir / "metrics.csv").read_text()
+    result = run("train.py", "--out", str(run_dir), "--resume")
+    assert result.returncode == 0, explain(result)
+    assert "Nothing to train" in result.stdout, explain(result)
+    assert (run_dir / "best.pt").read_bytes() == best_bytes
+    assert (run_dir / "metrics.csv").read_text() == metrics
+
+
+def flags_from_fit(rule: dict, class_names: list[str]) -> set[tuple[str, str]]:
+    """The organs the stored rule flags on the stored validation records, worked out here."""
+    flagged = set()
+    for volume in rule["volumes"]:
+        for c, name in enumerate(class_names[1:], start=1):
+            organ, score = rule["organs"][name], volume["uncertainty"][c]
+            if score is None:
+                if organ["expected"]:
+                    flagged.add((volume["case"], name))
+            elif organ["threshold"] is not None and score > organ["threshold"]:
+                flagged.add((volume["case"], name))
+    return flagged
+
+
+def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_run, tmp_path):
+    run_dir, root = finished_run["run"], finished_run["root"]
+    rule = json.loads((run_dir / "uncertainty.json").read_text())
+    decision = json.loads((run_dir / "postprocessing.json").read_text())
+    assert rule["settings"] == {"tta": False, "overlap": 0.5, "largest_component": sorted(decision["largest_component"])}
+    class_names = ["background", "body", "bone", "bladder", "rectum", "prostate"]
+    expected = flags_from_fit(rule, class_names)
+    result = run("predict.py", "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val",
+                 "--out", str(tmp_path / "val"), "--device", "cpu", "--no-figures")
+    assert result.returncode == 0, explain(result)
+    assert "refitted" not in result.stdout
+    summary = json.loads((tmp_path / "val" / "summary.json").read_text())
+    assert {(f["case"], f["organ"]) for f in summary["flagged"]} == expected
+    assert summary["review_rule"]["settings"] == rule["settings"]
+
+    result = run("predict.py", "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val",
+                 "--out", str(tmp_path / "val_tta"), "--device", "cpu", "--no-figures", "--tta")
+    assert result.returncode == 0, explain(result)
+    assert "so it is refitted on the members' validation volumes" in result.stdout, explain(result)
+    summary = json.loads((tmp_path / "val_tta" / "summary.json").read_text())
+    assert summary["review_rule"]["settings"]["tta"] is True
