@@ -23,6 +23,13 @@ train.py and predict.py use on CPUs with native bf16 instructions (inference.aut
 CPU fast path is whichever of ours_eager_fp32, ours_bf16 and ours_compiled is fastest; compiling
 costs minutes on a small machine, hence --compile.
 
+On the CPU, ONNX Runtime runs the same inference side by side with PyTorch: our network at
+--channels with the same weights, exported as export.py exports model.onnx, through the same
+Gaussian sliding window (--roi, --overlap) and softmax as predict.py; both in float32 with the same
+number of threads, the timed calls alternating. The ratio is ONNX Runtime's time over PyTorch's
+(below 1: ONNX Runtime is faster). Skipped, with the reason in the JSON, on CUDA, without
+onnxruntime, or with a --roi that is not a multiple of 16 (the graph's constraint).
+
 The loader part writes phantom cases (phantom.py) to a temporary folder and feeds train.py's
 pipeline (cached_dataset, augmentation and, with --augment device as in train.py, the batched
 DeviceAugmentation on the device) into the fastest of our configurations: the step with the
@@ -536,6 +543,61 @@ def measure_loader(config: Config, args, device: torch.device, image: torch.Tens
     return result
 
 
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+def measure_onnx(args, device: torch.device, image: torch.Tensor) -> dict:
+    """Whole-volume CPU inference through ONNX Runtime and through PyTorch (see the module
+    docstring), with the largest difference between their probabilities."""
+    if device.type != "cpu":
+        return {"skipped": "ONNX Runtime is measured against PyTorch on the CPU only (--device cpu)"}
+    try:
+        import onnxruntime
+    except ImportError:
+        return {"skipped": "onnxruntime is not installed"}
+    if any(r % 2 ** ImprovedUNet3D.depth for r in args.roi):
+        return {"skipped": f"--roi {args.roi}: the ONNX graph takes spatial sizes that are multiples of 16"}
+    from monai.inferers import sliding_window_inference
+
+    from export import export_onnx
+
+    torch.manual_seed(args.seed)
+    model = ImprovedUNet3D(in_channels=1, out_channels=NUM_CLASSES, channels=args.channels).eval()
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as folder:
+        path = Path(folder) / "model.onnx"
+        start = time.perf_counter()
+        export_onnx(model, path)
+        export_s = time.perf_counter() - start
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # Sleeping, not spinning, between kernels, for the reason OMP_WAIT_POLICY is PASSIVE above.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def onnx_window(window: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"image": window.detach().cpu().contiguous().numpy()})[0])
+
+    def onnx_infer() -> torch.Tensor:
+        logits = sliding_window_inference(image, roi_size=tuple(args.roi), sw_batch_size=2, predictor=onnx_window,
+                                          overlap=args.overlap, mode="gaussian")
+        return torch.softmax(torch.as_tensor(logits).float(), dim=1)
+
+    def torch_infer() -> torch.Tensor:
+        return predict_probabilities(model, image, args.roi, args.overlap, False, None)
+
+    difference = float((onnx_infer() - torch_infer()).abs().max())  # also the warm-up of both
+    onnx_s, torch_s = [], []
+    for _ in range(args.repeats):
+        onnx_s += time_calls(onnx_infer, 1, device)
+        torch_s += time_calls(torch_infer, 1, device)
+    result = {"onnxruntime": onnxruntime.__version__, "threads": threads, "export_s": round(export_s, 2),
+              "onnxruntime_s_per_volume": statistics.median(onnx_s), "pytorch_s_per_volume": statistics.median(torch_s),
+              "onnxruntime_s_all": [round(s, 4) for s in onnx_s], "pytorch_s_all": [round(s, 4) for s in torch_s],
+              "max_probability_difference": difference}
+    result["onnxruntime_vs_pytorch"] = result["onnxruntime_s_per_volume"] / result["pytorch_s_per_volume"]
+    return result
+
+
 # ----------------------------------------------------------------------------- report
 
 def device_description(device: torch.device) -> str:
@@ -640,6 +702,17 @@ def print_report(report: dict) -> None:
               f"(target <= {TARGETS['loader_step_ratio']:.2f})")
         if report["device"] == "cpu":
             print("  (on the CPU the workers share the cores with the step, so the ratio overstates the GPU case)")
+    onnx = report.get("onnx", {})
+    if "skipped" in onnx:
+        print(f"ONNX Runtime: skipped ({onnx['skipped']})")
+    elif "error" in onnx:
+        print(f"ONNX Runtime: failed: {onnx['error']}")
+    elif onnx:
+        print(f"ONNX Runtime {onnx['onnxruntime']} vs PyTorch {report['torch']} (CPU, float32, ours at --channels, "
+              f"window {tuple(report['roi'])}, {onnx['threads']} threads each): {onnx['onnxruntime_s_per_volume']:.3f} "
+              f"vs {onnx['pytorch_s_per_volume']:.3f} s/volume: ratio {onnx['onnxruntime_vs_pytorch']:.2f} "
+              f"(below 1: ONNX Runtime faster); largest probability difference "
+              f"{onnx['max_probability_difference']:.1e}")
     if report["device"] == "cuda":
         print("Anchors on one H100 at 256x256x128 (train ms / GiB): "
               + ", ".join(f"{k} {ms} / {gib}" for k, (ms, gib) in ANCHORS_H100.items()))
@@ -688,11 +761,19 @@ def main(args: argparse.Namespace) -> dict:
     finally:
         release_memory(device)
 
+    print("measuring ONNX Runtime against PyTorch ...", flush=True)
+    try:
+        onnx = measure_onnx(args, device, image)
+    except Exception as error:  # noqa: BLE001 - recorded in the report
+        onnx = {"error": error_text(error)}
+    finally:
+        release_memory(device)
+
     report = {
         "device": device.type, "device_name": device_description(device), "torch": torch.__version__,
         "monai": monai.__version__, "python": platform.python_version(), "size": args.size, "roi": args.roi,
         "overlap": args.overlap, "warmup": args.warmup, "repeats": args.repeats, "settings": vars(args),
-        "configs": results, "loader": loader, "targets": check_targets(results, loader, device),
+        "configs": results, "loader": loader, "onnx": onnx, "targets": check_targets(results, loader, device),
         "anchors_h100_ms_gib": ANCHORS_H100, "target_limits": TARGETS,
     }
     report["wall_s"] = round(time.perf_counter() - started, 1)
