@@ -22,7 +22,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
 
-from dataset import LoadValidated, ResampleToSpacingd, case_id_from_path
+from dataset import LABEL_NAME, LoadValidated, ResampleToSpacingd, case_id_from_path
 from inference import keep_largest_component, labels_from_probabilities, to_source_grid, write_prediction
 from modules import ImprovedUNet3D
 
@@ -31,9 +31,11 @@ __all__ = ["EnsembleSlidingWindowInferer", "ImprovedUNet3D", "KeepLargestCompone
 
 
 def images_in(folder: str) -> list[str]:
-    """The .nii and .nii.gz files directly in ``folder``, sorted; an error naming the folder when
-    there are none (an empty run would otherwise finish without a word)."""
-    paths = sorted({*glob.glob(os.path.join(folder, "*.nii")), *glob.glob(os.path.join(folder, "*.nii.gz"))})
+    """The .nii and .nii.gz images directly in ``folder``, sorted, without the files whose names
+    look like labels (predict.py's rule); an error naming the folder when there are none (an
+    empty run would otherwise finish without a word)."""
+    found = {*glob.glob(os.path.join(folder, "*.nii")), *glob.glob(os.path.join(folder, "*.nii.gz"))}
+    paths = sorted(p for p in found if os.path.isfile(p) and not LABEL_NAME.search(os.path.basename(p)))
     if not paths:
         raise FileNotFoundError(f"{folder}: no .nii or .nii.gz images (set --dataset_dir to a folder of NIfTI images)")
     return paths
@@ -99,6 +101,9 @@ class SaveLabelsd(mt.MapTransform):
     def __call__(self, data: dict) -> dict:
         item = dict(data)
         source_path = str(item[self.reference_key].meta["filename_or_obj"])
+        if Path(source_path).resolve().parent == self.output_dir.resolve():
+            # As predict.py: never into the data, where the labels would also read as new images.
+            raise ValueError(f"{self.output_dir}: refusing to write labels into the folder of the input {source_path}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for key in self.key_iterator(item):
             path = self.output_dir / f"{case_id_from_path(source_path)}{self.postfix}.nii.gz"

@@ -326,3 +326,18 @@ def test_members_that_disagree_are_refused_in_one_line(folds, tmp_path, capsys, 
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: {other}: {what}"), lines[0]
     assert not out.exists() and not list(tmp_path.glob(".bundle.tmp-*"))
+
+
+def test_bundle_inputs_skip_labels_and_outputs_never_go_into_the_data(tmp_path):
+    from monai.data import MetaTensor
+
+    from bundle_scripts.components import SaveLabelsd, images_in
+    for name in ("b.nii.gz", "a.nii", "a_SEMANTIC.nii.gz", "label_a.nii.gz", "a_seg.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert images_in(str(tmp_path)) == [str(tmp_path / "a.nii"), str(tmp_path / "b.nii.gz")]
+    with pytest.raises(FileNotFoundError, match="no .nii or .nii.gz images"):
+        images_in(str(tmp_path / "missing"))
+    image = MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": str(tmp_path / "b.nii.gz")})
+    with pytest.raises(ValueError, match="refusing to write labels into the folder of the input"):
+        SaveLabelsd("pred", str(tmp_path))({"image": image, "pred": np.zeros((2, 2, 2), np.uint8)})
+    assert not (tmp_path / "b_pred.nii.gz").exists()
