@@ -536,10 +536,11 @@ def metadata(members: Sequence[Member], states: Sequence[dict], class_names: Seq
 
 
 def readme(meta: dict, inference: dict, ensemble: bool) -> str:
-    spacing = meta["preprocessing"]["spacing_mm"]
+    spacing = [round(s, 4) for s in meta["preprocessing"]["spacing_mm"]]
     classes = "\n".join(f"| {c} | {name} |" for c, name in enumerate(meta["class_names"]))
     kept = ", ".join(inference["largest_component"]) or "none"
     packages = " ".join(f"{name}=={v}" for name, v in meta["required_packages_version"].items())
+    network = "a SoftmaxEnsemble of ImprovedUNet3D, one per member" if ensemble else "ImprovedUNet3D"
     output = ("the mean of the members' softmax (probabilities), per window" if ensemble
               else "logits (apply a softmax over channel 1 for probabilities)")
     return f"""# {meta['name']}
@@ -590,8 +591,7 @@ already there (offline: place a copy of `{meta['schema'].rsplit('/', 1)[-1]}` th
 
 ## Files
 
-- `models/model.pt`: state dict of `network_def`
-  (ImprovedUNet3D{', one per member, in a SoftmaxEnsemble' if ensemble else ''}).
+- `models/model.pt`: state dict of `network_def` ({network}).
 - `models/model.ts`: TorchScript (traced); `monai.data.load_net_with_metadata` also returns metadata.json and
   inference.json stored inside it.
 - `models/model.onnx`: ONNX opset {ONNX_OPSET}, input `image` (B, 1, X, Y, Z) float32, output `pred`

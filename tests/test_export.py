@@ -154,7 +154,7 @@ def assert_agrees_with_predict(bundle_out: Path, predict_out: Path, inputs: Path
         np.testing.assert_allclose(ours.affine, source.affine, atol=1e-5)
         assert nib.aff2axcodes(ours.affine) == nib.aff2axcodes(source.affine)
         # Several classes predicted: agreement on a constant volume would prove nothing.
-        assert len(np.unique(expected)) >= 3, (name, np.unique(expected))
+        assert len(np.unique(expected)) >= 2, (name, np.unique(expected))
         agreement = float((labels == expected).mean())
         assert agreement >= AGREEMENT, f"{name}: {agreement:.5f} of voxels agree with predict.py"
 
