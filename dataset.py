@@ -88,7 +88,12 @@ def find_cases(data_root: str | Path, require_labels: bool = True) -> list[Case]
         key = (f"{int(match['patient']):03d}", int(match["week"]))
         target = labels if match["semantic"] else images
         if key in target:
-            raise DataError(f"{path}: a second file for patient {key[0]} week {key[1]} (first: {target[key]})")
+            first = target[key]
+            first_dataset, second_dataset = first.parent.parent, path.parent.parent  # above semantic_MRs*/
+            if first_dataset != second_dataset:
+                raise DataError(f"{root}: holds more than one HipMRI dataset ({first_dataset} and {second_dataset} "
+                                f"both have patient {key[0]} week {key[1]}); point --data-root at one of them")
+            raise DataError(f"{path}: a second file for patient {key[0]} week {key[1]} (first: {first})")
         target[key] = path
     if not images and not labels:
         raise DataError(
@@ -303,6 +308,10 @@ class LoadValidated(mt.MapTransform):
                             f"beyond {MAX_ABS_INTENSITY:.0e}: a damaged file?")
         if float(array.max()) == float(array.min()):
             raise DataError(f"{image_path}: image is constant ({float(array.min())}): nothing to segment")
+        label_like = label_like_values(array)
+        if label_like is not None:
+            raise DataError(f"{image_path}: looks like a label map, not an image (its only values are the whole "
+                            f"numbers {label_like}); give the MR image")
         item["image"] = image
         if "label" in item:
             label_path = item["label"]
@@ -392,6 +401,21 @@ def read_nifti_header(path: str | Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: cannot be read as NIfTI ({reason[:200]})") from None
     check_header_forms(image, path)
     return image
+
+
+MAX_LABEL_LIKE_VALUES = 16  # an MR image has hundreds of distinct intensities; a label map a handful
+
+
+def label_like_values(array: torch.Tensor) -> list[int] | None:
+    """The values of a volume that holds only a few small whole numbers (a label map given as the
+    image), or None for anything an MR image can be. The cheap checks run first: most images fail
+    the whole-number or range test without counting distinct values."""
+    if float(array.min()) < 0 or float(array.max()) > 255 or not torch.equal(array, array.round()):
+        return None
+    values = torch.unique(array)
+    if len(values) > MAX_LABEL_LIKE_VALUES:
+        return None
+    return [int(v) for v in values]
 
 
 def lps_geometry(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import hashlib
 import json
 import math
@@ -720,6 +721,10 @@ def finish(args, context: Context, data: Data, model: Model, progress: Progress)
         if context.is_main:
             print(message, flush=True)
         dist.barrier()
+        # The DistributedDataParallel wrapper goes before its process group: destroyed after it,
+        # at the end of main, its reducer could wait on a gloo group that no longer exists.
+        model.network = model.trainer.network = model.model
+        gc.collect()
         dist.destroy_process_group()
     if progress.diverged:
         raise TrainingDiverged(progress.diverged)

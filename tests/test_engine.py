@@ -134,7 +134,7 @@ def test_a_centred_sphere_keeps_its_label_centroid_on_the_image_centroid(tmp_pat
     centre = (np.array(shape) - 1) / 2
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     sphere = (((grid - centre) * spacing) ** 2).sum(-1) <= 12.0 ** 2
-    image_path = write_nifti(tmp_path / "image.nii.gz", np.where(sphere, 100.0, 10.0).astype(np.float32), affine)
+    image_path = write_nifti(tmp_path / "image.nii.gz", np.where(sphere, 100.5, 10.25).astype(np.float32), affine)
     label_path = write_nifti(tmp_path / "label.nii.gz", sphere.astype(np.uint8), affine)
     item = preprocessing([s * factor for s in spacing])({"image": str(image_path), "label": str(label_path)})
     new_affine = np.asarray(item["image"].affine, dtype=np.float64)
@@ -365,3 +365,78 @@ def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_
     assert "so it is refitted on the members' validation volumes" in result.stdout, explain(result)
     summary = json.loads((tmp_path / "val_tta" / "summary.json").read_text())
     assert summary["review_rule"]["settings"]["tta"] is True
+
+
+# ----------------------------------------------------------------------------- a user's first hour
+
+def lcc_figures(dice, dice_lcc):
+    """A validation record for one organ (index 1): Dice without and with its largest-component step."""
+    return {"dice": [None, dice], "dice_lcc": [None, dice_lcc], "hd95": [None, 5.0], "hd95_lcc": [None, 5.0]}
+
+
+def test_post_processing_is_kept_unless_it_lowers_validation_dice():
+    from inference import decide_postprocessing, keep_largest_component
+
+    # validation without islands: the step changes nothing and is kept
+    organ = ["background", "organ"]
+    assert decide_postprocessing([lcc_figures(0.9, 0.9), lcc_figures(0.8, 0.8)], organ)["largest_component"] == ["organ"]
+    # an organ truly in two parts: the step removes one and lowers Dice, so it is dropped
+    target = np.zeros((20, 20, 20), dtype=np.uint8)
+    target[2:8, 2:8, 2:8] = 1
+    target[12:16, 12:16, 12:16] = 1
+    from metrics import dice_per_class
+    dice, dice_lcc = (float(dice_per_class(p, target, 2)[1]) for p in (target, keep_largest_component(target, [1])))
+    assert dice == 1.0 and dice_lcc < 1.0
+    assert decide_postprocessing([lcc_figures(dice, dice_lcc)], organ)["largest_component"] == []
+    # and a test volume with an island then loses it
+    with_island = target.copy()
+    with_island[12:16, 12:16, 12:16] = 0
+    with_island[17:19, 1:3, 1:3] = 1
+    assert keep_largest_component(with_island, [1])[17:19, 1:3, 1:3].sum() == 0
+
+
+def test_a_label_map_given_as_the_image_is_refused_in_one_line(tmp_path):
+    _, label = synthetic_case((24, 20, 16))
+    path = write_nifti(tmp_path / "scan.nii.gz", label.astype(np.float32))
+    with pytest.raises(DataError) as error:
+        LoadValidated(("image", "label"))({"image": str(path)})
+    message = str(error.value)
+    assert message.startswith(str(path)) and "looks like a label map" in message and "\n" not in message
+    # an integer-valued MR image (int16 storage) is not one
+    image = (label * 100 + np.random.default_rng(0).integers(0, 40, label.shape)).astype(np.int16)
+    LoadValidated(("image",))({"image": str(write_nifti(tmp_path / "int16.nii.gz", image))})
+
+
+def test_a_bad_case_among_good_ones_writes_nothing_and_names_the_case(finished_run, tmp_path):
+    scans = tmp_path / "scans"
+    for name in ("a", "b", "c"):
+        image, _ = synthetic_case((24, 20, 16), seed=len(name) + ord(name))
+        write_nifti(scans / f"{name}.nii.gz", image)
+    _, label = synthetic_case((24, 20, 16))
+    bad = write_nifti(scans / "c.nii.gz", label.astype(np.float32))
+    out = tmp_path / "out"
+    result = run("predict.py", "--checkpoint", str(finished_run["run"]), "--input", str(scans), "--out", str(out),
+                 "--device", "cpu")
+    assert result.returncode == 2, explain(result)
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {bad}:") and "label map" in line, explain(result)
+    assert not out.exists() or not any(out.iterdir()), f"written before the error: {list(out.iterdir())}"
+
+
+def test_a_data_root_above_two_datasets_is_named_as_such(tmp_path):
+    write_dataset(tmp_path / "data" / "phantom", patients=(4, 5, 6), weeks=(0,))
+    write_dataset(tmp_path / "data" / "phantom_other", patients=(4, 5, 6), weeks=(0,))
+    with pytest.raises(DataError) as error:
+        find_cases(tmp_path / "data")
+    message = str(error.value)
+    assert "more than one HipMRI dataset" in message and "\n" not in message
+    assert str(tmp_path / "data" / "phantom") in message and str(tmp_path / "data" / "phantom_other") in message
+
+
+@pytest.mark.parametrize("script,default", [("train.py", "(default: 0.25)"), ("predict.py", "(default: 0.5)")])
+def test_help_lists_the_defaults(script, default):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0
+    overlap_help = result.stdout[result.stdout.index("--overlap"):].split("\n  --")[0]
+    assert default in " ".join(overlap_help.split()), overlap_help
