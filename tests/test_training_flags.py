@@ -474,7 +474,9 @@ def test_out_of_memory_in_validation_is_the_one_line_message_of_training(single_
                                                 "--epochs", "1", *FP32]))
         messages["validation"] = stopped.value
     with monkeypatch.context() as patch:
-        patch.setattr(torch.nn.functional, "conv3d", no_memory)  # the first training step's first layer
+        # the first training step's first layer (the network's Conv3d modules only: preprocessing's
+        # anti-aliasing smooths with functional convolutions)
+        patch.setattr(torch.nn.Conv3d, "forward", no_memory)
         with pytest.raises(SystemExit) as stopped:
             run_cli(train.main, train.get_args(["--data-root", str(single_weeks), "--out", str(tmp_path / "train"),
                                                 "--epochs", "1", *FP32]))
