@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("train", "predict", "phantom", "bench", "gpu_check")
+SCRIPTS = ("train", "predict", "phantom", "bench", "gpu_check", "export")
 
 
 def help_text(script: str) -> str:
