@@ -61,6 +61,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -73,7 +74,8 @@ from monai.data import DataLoader, Dataset
 from monai.losses import DiceCELoss
 from monai.networks.nets import AttentionUnet, DynUNet
 
-from dataset import CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, find_cases, lps_geometry
+from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, drop_trailing_singletons,
+                     find_cases, lps_geometry, preprocessing, voxel_spacing)
 from modules import ImprovedUNet3D, count_parameters
 from inference import autocast_dtype, predict_probabilities, resolve_device
 
@@ -543,6 +545,68 @@ def measure_loader(config: Config, args, device: torch.device, image: torch.Tens
     return result
 
 
+# ----------------------------------------------------------------------------- validation
+
+def measure_validation(args) -> dict:
+    """What one validation volume costs after its sliding window, side by side in this process on
+    one phantom case of --size: per-epoch model selection on the preprocessed grid (arg-max and
+    Dice against the preprocessed label, train.py's ``validate``) against the same on the source
+    grid (probabilities resampled back, arg-max, Dice: the earlier per-epoch validation), and the
+    final validation's HD95 of the foreground classes (``metrics.hd95_per_class``) against all
+    six classes (MONAI's HD95 with the background too, the earlier cost). Probabilities are the
+    one-hot label blurred, so the arg-max has borders to find."""
+    from inference import labels_from_probabilities, to_source_grid
+    from metrics import dice_per_class, hd95_per_class
+    from monai.metrics import compute_hausdorff_distance
+
+    with tempfile.TemporaryDirectory(prefix="bench_validation_") as folder:
+        write_cases(Path(folder), 1, args.size, args.seed)
+        case = find_cases(folder)[0]
+        spacing = [2 * s for s in lps_geometry(case.image)[1]]  # train.py's default: half resolution
+        item = preprocessing(spacing, NUM_CLASSES)(case.as_dict())
+        source_label = drop_trailing_singletons(np.asanyarray(nib.load(case.label).dataobj)).astype(np.int64)
+        source_spacing = voxel_spacing(nib.load(case.image).affine)
+    label = item["label"][0].long()
+    one_hot = torch.nn.functional.one_hot(label, NUM_CLASSES).permute(3, 0, 1, 2).float()[None]
+    probabilities = torch.softmax(4 * torch.nn.functional.avg_pool3d(one_hot, 3, 1, 1), dim=1)[0]
+
+    def preprocessed_grid():
+        return dice_per_class(probabilities.argmax(0), label, NUM_CLASSES)
+
+    def source_grid():
+        return dice_per_class(labels_from_probabilities(to_source_grid(probabilities, item["image"])), source_label,
+                              NUM_CLASSES)
+
+    prediction = labels_from_probabilities(to_source_grid(probabilities, item["image"]))
+
+    def hd95_all_classes():
+        with warnings.catch_warnings():  # MONAI's own deprecation notice, and "class is all 0"
+            warnings.simplefilter("ignore")
+            return [compute_hausdorff_distance(torch.as_tensor(prediction == c)[None, None],
+                                               torch.as_tensor(source_label == c)[None, None], percentile=95,
+                                               spacing=list(source_spacing)) for c in range(NUM_CLASSES)]
+
+    def hd95_foreground():
+        return hd95_per_class(prediction, source_label, NUM_CLASSES, source_spacing)
+
+    repeats = max(1, min(args.repeats or 3, 3))
+    timed = {}
+    for name, call in (("preprocessed_grid", preprocessed_grid), ("source_grid", source_grid),
+                       ("hd95_foreground", hd95_foreground), ("hd95_all_classes", hd95_all_classes)):
+        call()  # warm-up
+        timed[name] = statistics.median(_seconds(call) for _ in range(repeats))
+    return {"size": list(args.size), "preprocessed_shape": list(label.shape), "spacing_mm": spacing,
+            **{f"{name}_s": round(value, 4) for name, value in timed.items()},
+            "source_over_preprocessed": round(timed["source_grid"] / timed["preprocessed_grid"], 2),
+            "hd95_all_over_foreground": round(timed["hd95_all_classes"] / timed["hd95_foreground"], 2)}
+
+
+def _seconds(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 def measure_onnx(args, device: torch.device, image: torch.Tensor) -> dict:
@@ -702,6 +766,16 @@ def print_report(report: dict) -> None:
               f"(target <= {TARGETS['loader_step_ratio']:.2f})")
         if report["device"] == "cpu":
             print("  (on the CPU the workers share the cores with the step, so the ratio overstates the GPU case)")
+    validation = report.get("validation", {})
+    if "error" in validation:
+        print(f"Validation volume: failed: {validation['error']}")
+    elif validation:
+        print(f"Validation volume ({' x '.join(map(str, validation['size']))} source, "
+              f"{' x '.join(map(str, validation['preprocessed_shape']))} preprocessed): per-epoch Dice on the "
+              f"preprocessed grid {validation['preprocessed_grid_s']:.3f} s vs on the source grid "
+              f"{validation['source_grid_s']:.3f} s (ratio {validation['source_over_preprocessed']:.2f}); final "
+              f"HD95 of the foreground {validation['hd95_foreground_s']:.2f} s vs all six classes "
+              f"{validation['hd95_all_classes_s']:.2f} s (ratio {validation['hd95_all_over_foreground']:.2f})")
     onnx = report.get("onnx", {})
     if "skipped" in onnx:
         print(f"ONNX Runtime: skipped ({onnx['skipped']})")
@@ -761,6 +835,12 @@ def main(args: argparse.Namespace) -> dict:
     finally:
         release_memory(device)
 
+    print("measuring the cost of a validation volume ...", flush=True)
+    try:
+        validation = measure_validation(args)
+    except Exception as error:  # noqa: BLE001 - recorded in the report
+        validation = {"error": error_text(error)}
+
     print("measuring ONNX Runtime against PyTorch ...", flush=True)
     try:
         onnx = measure_onnx(args, device, image)
@@ -773,7 +853,7 @@ def main(args: argparse.Namespace) -> dict:
         "device": device.type, "device_name": device_description(device), "torch": torch.__version__,
         "monai": monai.__version__, "python": platform.python_version(), "size": args.size, "roi": args.roi,
         "overlap": args.overlap, "warmup": args.warmup, "repeats": args.repeats, "settings": vars(args),
-        "configs": results, "loader": loader, "onnx": onnx, "targets": check_targets(results, loader, device),
+        "configs": results, "loader": loader, "validation": validation, "onnx": onnx, "targets": check_targets(results, loader, device),
         "anchors_h100_ms_gib": ANCHORS_H100, "target_limits": TARGETS,
     }
     report["wall_s"] = round(time.perf_counter() - started, 1)

@@ -27,7 +27,8 @@ ORGAN_SCORE = ("mean normalised entropy over the organ's predicted boundary band
                "voxel (6-connected) of the predicted contour, inside and outside")
 FLAG_RULE = ("a case is flagged for review when, for any organ, its score is above that organ's threshold, "
              "or an organ predicted in every validation case is not predicted at all")
-MIN_CASES_FOR_FIT = 8  # below this (or with fewer than 2 poor or 2 good organs) the quantile fallback is used
+MIN_CASES_FOR_FIT = 8  # below this (or with fewer than 2 poor or 2 good organs) the outlier fence is used
+FENCE_IQR = 1.5  # Tukey's upper fence: the third quartile plus 1.5 interquartile ranges
 MIN_CASES_PER_GROUP = 2
 
 
@@ -118,7 +119,7 @@ def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int,
 # ----------------------------------------------------------------------------- review flag
 
 def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Sequence[str],
-                        poor_quantile: float = 0.25, fallback_quantile: float = 0.9) -> dict:
+                        poor_quantile: float = 0.25) -> dict:
     """The review rule, fitted on validation cases: per organ, a threshold on its score.
 
     ``scores`` and ``dice`` are ``(n_cases, C)`` (``organ_uncertainty`` and 3D Dice per case).
@@ -130,11 +131,14 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
     for finding the poor organs; on ties the higher threshold wins (fewer flags). With fewer
     than ``MIN_CASES_FOR_FIT`` cases where the organ is both predicted and scored, fewer than
     two poor or good ones, or no threshold with J > 0 (the score does not separate them on
-    validation), the threshold is the ``fallback_quantile`` of its validation scores: the most
-    uncertain tenth is still worth a look.
+    validation), the threshold is Tukey's upper fence of its validation scores (third quartile
+    plus 1.5 interquartile ranges): the organ is flagged only when it is an outlier among what
+    validation showed. A high quantile instead would flag a fixed share of organs whatever their
+    quality (the 90 % quantile of six cases flags about one organ in six, so most cases with five
+    organs), by margins far below the spread between cases.
 
     Returns a JSON-able dict (no NaN): the rule in words, ``n_cases``, and per foreground organ
-    ``threshold``, ``method`` ("youden", "quantile", or "none" with no threshold for an organ never
+    ``threshold``, ``method`` ("youden", "fence", or "none" with no threshold for an organ never
     predicted on validation), ``n_scored``, ``n_poor``,
     ``poor_dice_below``, ``sensitivity``, ``specificity`` and ``youden_j`` on the validation
     cases (None where not defined), and ``expected`` (predicted in every validation case, so a
@@ -160,8 +164,8 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
             fit["poor_dice_below"], fit["n_poor"] = poor_dice_below, int(poor.sum())
             threshold, method = _youden_threshold(organ_scores[scored], poor), "youden"
             if threshold is None:
-                threshold = float(np.quantile(organ_scores[scored], fallback_quantile))
-                method = "quantile"
+                threshold = upper_fence(organ_scores[scored])
+                method = "fence"
             flagged = organ_scores[scored] > threshold
             if poor.any():
                 fit["sensitivity"] = float((flagged & poor).sum() / poor.sum())
@@ -173,7 +177,7 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
             threshold, method = None, "none"  # never predicted on validation: only the absence rule applies
         organs[name] = {"threshold": threshold, "method": method, **fit}
     return {"score": ORGAN_SCORE, "rule": FLAG_RULE, "poor": f"Dice below the organ's validation "
-            f"{poor_quantile:g} quantile", "poor_quantile": poor_quantile, "fallback_quantile": fallback_quantile,
+            f"{poor_quantile:g} quantile", "poor_quantile": poor_quantile, "fence_iqr": FENCE_IQR,
             "n_cases": int(scores.shape[0]), "organs": organs}
 
 
@@ -181,6 +185,12 @@ def review_settings(tta: bool, overlap: float, largest_component: Sequence[str])
     """The prediction settings a review rule is fitted under (the scores depend on them): stored
     with the rule, so that predict.py refits when it runs with other settings."""
     return {"tta": bool(tta), "overlap": float(overlap), "largest_component": sorted(largest_component)}
+
+
+def upper_fence(values: np.ndarray) -> float:
+    """Tukey's upper fence of ``values``: Q3 + 1.5 (Q3 - Q1), quartiles by linear interpolation."""
+    first, third = np.quantile(np.asarray(values, dtype=np.float64), [0.25, 0.75])
+    return float(third + FENCE_IQR * (third - first))
 
 
 def fit_from_volumes(volumes: Sequence[dict], class_names: Sequence[str]) -> dict:

@@ -197,15 +197,18 @@ def test_ties_in_youden_j_keep_the_higher_threshold_and_seven_cases_are_too_few(
     assert bladder["sensitivity"] == 0.5 and bladder["specificity"] == 1.0
 
     fewer = fit_flag_thresholds(scores[1:], dice[1:], CLASS_NAMES)["organs"]["bladder"]
-    assert fewer["method"] == "quantile" and fewer["threshold"] == pytest.approx(np.quantile(organ_scores[1:], 0.9))
+    # seven scores 0.2 0.3 0.5 0.6 0.65 0.7 0.9: quartiles 0.4 and 0.675 by hand, fence 0.675 + 1.5 x 0.275
+    assert fewer["method"] == "fence" and fewer["threshold"] == pytest.approx(1.0875)
 
 
-def test_too_few_cases_fall_back_to_a_high_quantile():
+def test_too_few_cases_fall_back_to_the_outlier_fence():
     scores, dice = constructed_validation()
     body = fit_flag_thresholds(scores, dice, CLASS_NAMES)["organs"]["body"]
-    assert body["method"] == "quantile" and body["n_scored"] == 5
-    assert body["threshold"] == pytest.approx(0.46)  # 90th percentile of 0.1 .. 0.5, linear interpolation
-    assert flag_case(np.array([np.nan, 0.47, np.nan]), {"organs": {"body": body}}, CLASS_NAMES)[0]["organ"] == "body"
+    assert body["method"] == "fence" and body["n_scored"] == 5
+    assert body["threshold"] == pytest.approx(0.7)  # 0.1 .. 0.5: Q1 0.2, Q3 0.4, fence 0.4 + 1.5 x 0.2
+    assert flag_case(np.array([np.nan, 0.71, np.nan]), {"organs": {"body": body}}, CLASS_NAMES)[0]["organ"] == "body"
+    # as uncertain as the most uncertain validation case, or a little more: not an outlier, no flag
+    assert flag_case(np.array([np.nan, 0.55, np.nan]), {"organs": {"body": body}}, CLASS_NAMES) == []
 
 
 def test_an_organ_predicted_in_every_validation_case_is_flagged_when_missing():
