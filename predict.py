@@ -292,7 +292,11 @@ def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str]) -> di
                                                     for c, name in enumerate(class_names[1:])},
             "flagged_organs": int(flagged.sum()), "flagged_organs_below_median_dice": int((flagged & below).sum()),
             "unflagged_organs": int((~flagged).sum()),
-            "unflagged_organs_below_median_dice": int((~flagged & below).sum())}
+            "unflagged_organs_below_median_dice": int((~flagged & below).sum()),
+            # flags against "Dice below the organ's median over these cases": how many flags point at
+            # a poor organ (precision), how many poor organs are flagged (recall)
+            "flag_precision": float((flagged & below).sum() / flagged.sum()) if flagged.any() else None,
+            "flag_recall": float((flagged & below).sum() / below.sum()) if below.any() else None}
 
 
 def main(args: argparse.Namespace) -> dict:
