@@ -440,3 +440,18 @@ def test_help_lists_the_defaults(script, default):
     assert result.returncode == 0
     overlap_help = result.stdout[result.stdout.index("--overlap"):].split("\n  --")[0]
     assert default in " ".join(overlap_help.split()), overlap_help
+
+
+def test_flag_precision_and_recall_are_counted_against_the_organ_median_by_hand():
+    import predict
+
+    names = ["background", "body", "bone"]
+    # body Dice 0.9 0.8 0.7 0.6 (median 0.75): below in cases 2, 3; bone 0.5 0.6 0.7 0.8: below in 0, 1
+    dice = [[np.nan, 0.9, 0.5], [np.nan, 0.8, 0.6], [np.nan, 0.7, 0.7], [np.nan, 0.6, 0.8]]
+    flags = [[], [{"organ": "bone"}], [{"organ": "body"}], [{"organ": "bone"}]]
+    records = [{"voxel_auroc": 0.9, "scores": [np.nan, 0.1 * i, 0.2], "dice": np.array(d), "flags": f}
+               for i, (d, f) in enumerate(zip(dice, flags))]
+    evaluation = predict.evaluate_uncertainty(records, names)
+    # flagged: bone@1 (below), body@2 (below), bone@3 (not): precision 2/3; 4 below, 2 flagged: recall 1/2
+    assert evaluation["flag_precision"] == pytest.approx(2 / 3)
+    assert evaluation["flag_recall"] == pytest.approx(0.5)
