@@ -252,7 +252,7 @@ class CheckedNibabelReader(NibabelReader):
         images = []
         self.filenames = ensure_tuple(data)
         for name in self.filenames:
-            image = read_nifti_header(name)
+            image = checked_image(name) if isinstance(name, nib.spatialimages.SpatialImage) else read_nifti_header(name)
             align_pixdim_with_affine(image)
             images.append(image_reader.correct_nifti_header_if_necessary(image))
         return images if len(images) > 1 else images[0]
@@ -274,10 +274,12 @@ class LoadValidated(mt.MapTransform):
         # it knows, and with pydicom installed its nvImageCodec DICOM reader warns on every load.
         self.reader = CheckedNibabelReader()
 
-    def load(self, path: str) -> torch.Tensor:
+    def load(self, source) -> torch.Tensor:
+        """``source``: a path, or a nibabel image already in memory (the same checks, no file)."""
+        path = source_name(source)
         try:
-            array, meta = self.reader.get_data(self.reader.read(path))
-            meta["filename_or_obj"] = str(path)
+            array, meta = self.reader.get_data(self.reader.read(source))
+            meta["filename_or_obj"] = path
             volume = MetaTensor.ensure_torch_and_prune_meta(np.asarray(array, dtype=np.float32), meta)
         except DataError:
             raise
@@ -296,8 +298,8 @@ class LoadValidated(mt.MapTransform):
 
     def __call__(self, data: dict) -> dict:
         item = dict(data)
-        image_path = item["image"]
-        image = self.load(image_path)
+        image_path = source_name(item["image"])
+        image = self.load(item["image"])
         array = image.as_tensor()
         if not torch.isfinite(array).all():
             raise DataError(f"{image_path}: image contains NaN or infinite intensities")
@@ -314,8 +316,8 @@ class LoadValidated(mt.MapTransform):
                             f"numbers {label_like}); give the MR image")
         item["image"] = image
         if "label" in item:
-            label_path = item["label"]
-            label = self.load(label_path)
+            label_path = source_name(item["label"])
+            label = self.load(item["label"])
             if tuple(label.shape) != tuple(image.shape):
                 raise DataError(
                     # both files named: either may be the damaged one
@@ -390,6 +392,28 @@ def align_pixdim_with_affine(image: nib.Nifti1Image) -> None:
     spacing = voxel_spacing(image.affine)[:spatial]
     if not np.allclose(header.get_zooms()[:spatial], spacing):
         header.set_zooms(tuple(spacing) + tuple(header.get_zooms()[spatial:]))
+
+
+IN_MEMORY = "in-memory image"
+
+
+def source_name(source) -> str:
+    """How messages and metadata name an input: its path, or for a nibabel image in memory the
+    file it came from where it has one."""
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        return str(source.get_filename() or IN_MEMORY)
+    return str(source)
+
+
+def checked_image(image: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """A nibabel image in memory as read_nifti_header gives a file: NIfTI, its geometry checked.
+    A copy sharing the voxels, since the reader adjusts the header (the caller's stays as it was)."""
+    if isinstance(image, nib.Nifti1Image):
+        copy = nib.Nifti1Image(image.dataobj, image.affine, image.header.copy())
+    else:
+        copy = nib.Nifti1Image.from_image(image)
+    check_header_forms(copy, source_name(image))
+    return copy
 
 
 def read_nifti_header(path: str | Path) -> nib.Nifti1Image:

@@ -24,7 +24,8 @@ from uncertainty import normalised_entropy, organ_uncertainty
 
 def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor, source: nib.Nifti1Image,
                     class_names: Sequence[str], largest_component: Sequence[str] = (),
-                    target: np.ndarray | None = None, hd95: bool = True, alternatives: bool = False) -> dict:
+                    target: np.ndarray | None = None, hd95: bool = True, alternatives: bool = False,
+                    keep_probabilities: bool = False) -> dict:
     """Evaluate one volume from its class probabilities ``(C, X, Y, Z)`` on the preprocessed grid.
 
     ``preprocessed_image`` carries the two grids (its affine and the source's); ``source`` is the
@@ -35,6 +36,8 @@ def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor,
     organ, the figures with that organ's largest-component step (``dice_lcc``, ``hd95_lcc``,
     ``uncertainty_lcc``): the step changes that organ's mask alone, so these are exactly the
     figures any combination of decided steps gives for that organ.
+    ``keep_probabilities`` adds ``probabilities``: ``(C, X, Y, Z)`` on the source grid, the ones
+    the labels are the arg-max of (before post-processing).
 
     Returns labels ``(X, Y, Z)`` uint8 and entropy ``(X, Y, Z)`` on the source grid, and per class
     (lists of length C): ``uncertainty``, ``pred_volume_ml``, and with a target ``dice``, ``hd95``,
@@ -44,7 +47,8 @@ def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor,
     source_probabilities = to_source_grid(probabilities, preprocessed_image)
     raw = labels_from_probabilities(source_probabilities)
     entropy = normalised_entropy(source_probabilities).numpy()
-    del source_probabilities
+    kept_probabilities = source_probabilities if keep_probabilities else None
+    del source_probabilities  # a full-resolution copy per class: freed early unless asked for
     kept = [class_names.index(name) for name in largest_component if name in class_names]
     labels = keep_largest_component(raw, kept) if kept else raw
     spacing, voxel_ml = voxel_spacing(source.affine), voxel_volume_ml(source.affine)
@@ -53,6 +57,8 @@ def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor,
               "pred_volume_ml": (np.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
                                  * voxel_ml).tolist(),
               "dice": None, "hd95": None, "misses": None, "gt_volume_ml": None}
+    if keep_probabilities:
+        result["probabilities"] = kept_probabilities
     if target is not None:
         target = np.asarray(target)
         if target.shape != labels.shape:

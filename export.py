@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
-import contextlib
 import graphlib
 import hashlib
 import importlib
@@ -40,7 +39,6 @@ import shutil
 import subprocess
 import symtable
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -53,7 +51,7 @@ from bundle_scripts import components
 from checkpoint import CheckpointError, load_checkpoint
 from cli import run_cli
 from dataset import DataError
-from inference import Member, load_members
+from inference import ONNX_OPSET, TRACE_SHAPE, Member, export_onnx, load_members, postprocessing_for, quiet_tracing
 from modules import ImprovedUNet3D
 
 PROJECT = Path(__file__).resolve().parent
@@ -62,11 +60,9 @@ SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/do
 WHOLE_MODULES = ("modules",)
 SW_BATCH_SIZE = 2  # inference.predict_probabilities' default
 NETWORK_MULTIPLE = 2 ** ImprovedUNet3D.depth
-ONNX_OPSET = 17
 # TorchScript and ONNX are checked against the eager network at export, on a batch of 2 with three
 # different spatial sizes, none the traced one: the dynamic axes are exercised, not assumed.
 CHECK_SHAPE = (2, 1, 48, 32, 16)
-TRACE_SHAPE = (1, 1, 32, 32, 32)
 EXPORT_TOLERANCE = 1e-3  # relative to the largest logit
 REFERENCES = [
     "Cicek et al., 3D U-Net: learning dense volumetric segmentation from sparse annotation, MICCAI 2016",
@@ -621,17 +617,6 @@ def build_network(members: Sequence[Member]) -> torch.nn.Module:
     return network.eval()
 
 
-@contextlib.contextmanager
-def quiet_tracing():
-    """The tracing exporters' expected chatter (deprecation notices, TracerWarnings about the
-    shape checks and the padding branch, which is exact for multiples of 16) kept off the console."""
-    with warnings.catch_warnings():
-        for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning):
-            warnings.simplefilter("ignore", category)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        yield
-
-
 def export_torchscript(network: torch.nn.Module, path: Path, meta: dict, inference: dict) -> None:
     """Traced, not scripted: torch.jit.script rejects modules.py as it is written for eager
     PyTorch (its first complaint is the module-level NEGATIVE_SLOPE). The trace records the
@@ -650,26 +635,6 @@ def onnx_properties(meta: dict) -> dict[str, str]:
             "orientation": meta["preprocessing"]["orientation"],
             "output": meta["network_data_format"]["outputs"]["pred"]["format"],
             "spatial_multiple": str(NETWORK_MULTIPLE), "intended_use": NOT_CLINICAL}
-
-
-def export_onnx(network: torch.nn.Module, path: Path, properties: dict[str, str] | None = None) -> None:
-    """The TorchScript-based exporter (dynamo=False). Both of torch 2.13's exporters give this
-    network dynamic batch and spatial axes, but torch.export's symbolic-shape tracing took 30-50 s
-    for even a 40k-parameter network on a 2-core CPU against 3-4 s here, and it needs onnxscript;
-    the outputs agree with PyTorch to ~1e-6 either way. Traced at a multiple of 16, the padding
-    branch is left out, so the graph takes multiples of 16, which the metadata states. (With the
-    dynamo exporter, sizes declared as 16 * Dim also need an example of at least 32 per axis: an
-    example of 16 specialises the axis to 16.)"""
-    import onnx
-    axes = {0: "batch", 2: "x", 3: "y", 4: "z"}
-    with quiet_tracing(), torch.no_grad():
-        torch.onnx.export(network, (torch.zeros(TRACE_SHAPE),), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["image"], output_names=["pred"], dynamic_axes={"image": axes, "pred": axes})
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    if properties:
-        onnx.helper.set_model_props(model, properties)
-        onnx.save(model, str(path))
 
 
 def check_exports(network: torch.nn.Module, models: Path) -> dict:
@@ -728,7 +693,7 @@ def main(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     check_out(out, members, args.overwrite)
     # predict.py's own decision and overlap, so the bundle segments as predict.py does by default.
-    postprocessing = predict.postprocessing_for(members, class_names, args.no_postprocessing)
+    postprocessing = postprocessing_for(members, class_names, args.no_postprocessing)
     kept = list(postprocessing.get("largest_component", []))
     overlap = predict.get_args(["--checkpoint", members[0].path, "--input", ".", "--out", "."]).overlap
 

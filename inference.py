@@ -1,14 +1,18 @@
 """Inference shared by training's validation and predict.py: device and precision, Gaussian
-sliding-window prediction with flip TTA, ensembles of models, resampling back to the source
-grid through the affines, and connected-component post-processing learned on validation.
+sliding-window prediction with flip TTA, ensembles of models (in PyTorch or through ONNX
+Runtime), resampling back to the source grid through the affines, and connected-component
+post-processing learned on validation.
 
 Data flows one way: train.py and predict.py import this module; it imports neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +97,16 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size:
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return model(window).float()
+
+    return sliding_window_probabilities(predictor, image, roi_size, overlap, tta, sw_batch_size)
+
+
+@torch.no_grad()
+def sliding_window_probabilities(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                                 roi_size: Sequence[int] | None, overlap: float = 0.5, tta: bool = False,
+                                 sw_batch_size: int = 2) -> torch.Tensor:
+    """predict_probabilities for any ``predictor`` of window logits (a network, an ONNX Runtime
+    session): the windows, their Gaussian blending, the softmax and the flip are the same for all."""
 
     def run(volume: torch.Tensor) -> torch.Tensor:
         logits = sliding_window_inference(volume, roi_size=window_size(roi_size, volume), sw_batch_size=sw_batch_size,
@@ -186,11 +200,99 @@ class Ensemble:
     def probabilities(self, image: torch.Tensor, roi_size, overlap: float, tta: bool) -> torch.Tensor:
         total = None
         for member in self.members:
-            network = self.network(member).to(self.device)
-            probabilities = predict_probabilities(network, image, roi_size, overlap, tta, self.amp_dtype).cpu()
+            probabilities = self.member_probabilities(member, image, roi_size, overlap, tta)
             total = probabilities if total is None else total + probabilities
-            network.to("cpu")
         return total / len(self.members)
+
+    def member_probabilities(self, member: Member, image: torch.Tensor, roi_size, overlap: float,
+                             tta: bool) -> torch.Tensor:
+        network = self.network(member).to(self.device)
+        probabilities = predict_probabilities(network, image, roi_size, overlap, tta, self.amp_dtype).cpu()
+        network.to("cpu")
+        return probabilities
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+ONNX_OPSET = 17
+# The example input of tracing (TorchScript and ONNX): a multiple of 16 on every axis, so the
+# network's padding branch is not recorded.
+TRACE_SHAPE = (1, 1, 32, 32, 32)
+
+
+@contextlib.contextmanager
+def quiet_tracing():
+    """The tracing exporters' expected chatter (deprecation notices, TracerWarnings about the
+    shape checks and the padding branch, which is exact for multiples of 16) kept off the console."""
+    with warnings.catch_warnings():
+        for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        yield
+
+
+def export_onnx(network: torch.nn.Module, path: Path, properties: dict[str, str] | None = None) -> None:
+    """The TorchScript-based exporter (dynamo=False). Both of torch 2.13's exporters give this
+    network dynamic batch and spatial axes, but torch.export's symbolic-shape tracing took 30-50 s
+    for even a 40k-parameter network on a 2-core CPU against 3-4 s here, and it needs onnxscript;
+    the outputs agree with PyTorch to ~1e-6 either way. Traced at a multiple of 16, the padding
+    branch is left out, so the graph takes multiples of 16, which the metadata states. (With the
+    dynamo exporter, sizes declared as 16 * Dim also need an example of at least 32 per axis: an
+    example of 16 specialises the axis to 16.)"""
+    import onnx
+    axes = {0: "batch", 2: "x", 3: "y", 4: "z"}
+    with quiet_tracing(), torch.no_grad():
+        torch.onnx.export(network, (torch.zeros(TRACE_SHAPE),), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["image"], output_names=["pred"], dynamic_axes={"image": axes, "pred": axes})
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    if properties:
+        onnx.helper.set_model_props(model, properties)
+        onnx.save(model, str(path))
+
+
+class OnnxEnsemble(Ensemble):
+    """An Ensemble whose windows run through ONNX Runtime on the CPU: each member exported once with
+    export_onnx (the bundle's model.onnx), the rest (windows, blending, softmax, flips, the
+    average) as for PyTorch. Always float32: ONNX Runtime's CPU kernels have no bf16 autocast."""
+
+    def __init__(self, members: Sequence[Member], threads: int | None = None):
+        super().__init__(members, torch.device("cpu"), None)
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CheckpointError("--engine onnx needs onnxruntime (pip install -r requirements.txt)") from None
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads or torch.get_num_threads(), 1
+        # Idle threads sleep rather than spin between kernels, so ranks or tests sharing the cores
+        # do not slow each other down.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.multiple = 2 ** ImprovedUNet3D.depth
+        self.sessions = {}  # by id(member): members hold tensors, so == between them is no test
+        # The sessions hold the graphs in memory: the exported files are gone when this returns,
+        # and nothing is written beside the user's checkpoints.
+        with tempfile.TemporaryDirectory(prefix="hipmri-onnx-") as folder:
+            for number, member in enumerate(self.members):
+                path = Path(folder) / f"member{number}.onnx"
+                export_onnx(self.network(member), path)
+                self.sessions[id(member)] = onnxruntime.InferenceSession(str(path), options,
+                                                                         providers=["CPUExecutionProvider"])
+
+    def member_probabilities(self, member: Member, image: torch.Tensor, roi_size, overlap: float,
+                             tta: bool) -> torch.Tensor:
+        session = self.sessions[id(member)]
+
+        def predictor(window: torch.Tensor) -> torch.Tensor:
+            # The graph takes multiples of 16 (see export_onnx): padded and cropped as the network
+            # pads and crops any other size itself.
+            window = window.as_tensor() if isinstance(window, MetaTensor) else torch.as_tensor(window)
+            spatial = window.shape[2:]
+            padding = [p for size in reversed(spatial) for p in (0, (-size) % self.multiple)]
+            padded = torch.nn.functional.pad(window, padding) if any(padding) else window
+            logits = session.run(None, {"image": padded.detach().float().cpu().contiguous().numpy()})[0]
+            return torch.from_numpy(logits)[(..., *(slice(0, s) for s in spatial))]
+
+        return sliding_window_probabilities(predictor, torch.as_tensor(image).cpu(), roi_size, overlap, tta)
 
 
 # ----------------------------------------------------------------------------- back to the source grid
@@ -288,7 +390,7 @@ def labels_from_probabilities(probabilities: torch.Tensor) -> np.ndarray:
     return labels.numpy()
 
 
-def write_prediction(labels: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
+def prediction_image(labels: np.ndarray, source: nib.Nifti1Image) -> nib.Nifti1Image:
     """uint8 labels with the source image's affine and orientation codes, so they open over it."""
     header = source.header.copy()
     header.set_data_dtype(np.uint8)
@@ -296,7 +398,11 @@ def write_prediction(labels: np.ndarray, source: nib.Nifti1Image, path: Path) ->
     image = nib.Nifti1Image(np.asarray(labels).astype(np.uint8), source.affine, header=header)
     image.set_qform(source.affine, code=int(source.header["qform_code"]) or 1)
     image.set_sform(source.affine, code=int(source.header["sform_code"]) or 1)
-    nib.save(image, path)
+    return image
+
+
+def write_prediction(labels: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
+    nib.save(prediction_image(labels, source), path)
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -386,3 +492,33 @@ def apply_postprocessing(labels: np.ndarray, decision: dict | None, class_names:
         return labels
     classes = [class_names.index(name) for name in decision.get("largest_component", []) if name in class_names]
     return keep_largest_component(labels, classes)
+
+
+def pooled_validation_volumes(members: Sequence[Member], name: str) -> tuple[list[dict] | None, list[str]]:
+    """The per-volume validation records that every member's run stored in ``name``, pooled (one
+    model: its own validation patients; an ensemble of folds: all of theirs, as nnU-Net does), and
+    the files read. None where a member's run has no such file."""
+    volumes, files = [], []
+    for member in members:
+        path = member.run_dir / name
+        if not path.is_file():
+            return None, [str(path)]
+        try:
+            volumes += json.loads(path.read_text())["volumes"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: not a valid {name} of a training run ({error})") from None
+        files.append(str(path))
+    return volumes, files
+
+
+def postprocessing_for(members: Sequence[Member], class_names: Sequence[str], skip: bool) -> dict:
+    """The largest-component decision, made afresh from the pooled validation figures
+    (postprocessing.json)."""
+    if skip:
+        return {"largest_component": [], "source": "skipped with --no-postprocessing"}
+    volumes, files = pooled_validation_volumes(members, "postprocessing.json")
+    if volumes is None:
+        return {"largest_component": [], "source": f"none: {files[0]} does not exist"}
+    decision = decide_postprocessing(volumes, class_names)
+    decision["source"] = files
+    return decision

@@ -1,31 +1,36 @@
 """Segment pelvic MRI with one trained model or an ensemble, and with labels report per-class 3D
-Dice and HD95. A thin CLI over inference.py and metrics.py.
+Dice and HD95. A thin CLI over segmenter.py (the Python API: each case is one Segmenter call) and
+metrics.py; under torchrun the cases are split over the processes and rank 0 writes the reports.
 
     python predict.py --checkpoint runs/demo/best.pt --data-root data/phantom --split test --out preds/demo
     python predict.py --checkpoint runs/fold0 runs/fold1 runs/fold2 --input scans/ --out preds/new
+    torchrun --standalone --nproc_per_node=4 predict.py --checkpoint runs/demo --input scans/ --out preds/new
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from checkpoint import CheckpointError
 from cli import run_cli
-from dataset import (Case, DataError, LoadValidated, cases_from_input, cases_in, find_cases, preprocessing,
-                     read_nifti_header)
+from dataset import Case, DataError, LoadValidated, cases_from_input, cases_in, drop_trailing_singletons, find_cases
 from dicom_io import find_series, is_dicom_folder, series_to_nifti, write_rtstruct, write_seg
-from evaluation import evaluate_volume
-from inference import (PREDICTION_OVERLAP, Ensemble, autocast_dtype, decide_postprocessing, load_members, load_source,
-                       resolve_device, write_prediction)
+from inference import (PREDICTION_OVERLAP, load_members, load_source, pooled_validation_volumes, resolve_device,
+                       write_prediction)
 from metrics import json_ready, nan_mean, print_table, summarise, write_rows
 from progress import progress
 from report import write_report
+from segmenter import ENGINES, Segmenter
 from uncertainty import (fit_from_volumes, flag_case, rank_correlation, review_settings, voxel_error_auroc,
                          write_uncertainty)
 
@@ -46,6 +51,10 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder for predictions, metrics and figures")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tta", action="store_true", help="average with the left-right mirrored prediction")
+    parser.add_argument("--engine", default="torch", choices=ENGINES,
+                        help="what runs the sliding windows: torch (PyTorch on --device) or onnx (each model exported "
+                        "to ONNX as export.py exports it, run by ONNX Runtime on the CPU in float32); everything "
+                        "else is the same")
     parser.add_argument("--overlap", type=float, default=PREDICTION_OVERLAP,
                         help="sliding-window overlap in [0, 1); training's final validation uses the same, so the "
                         "review rule fitted there applies as it is")
@@ -110,37 +119,7 @@ def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: S
                         "pass --overwrite or choose another --out")
 
 
-def pooled_validation_volumes(members, name: str) -> tuple[list[dict] | None, list[str]]:
-    """The per-volume validation records that every member's run stored in ``name``, pooled (one
-    model: its own validation patients; an ensemble of folds: all of theirs, as nnU-Net does), and
-    the files read. None where a member's run has no such file."""
-    volumes, files = [], []
-    for member in members:
-        path = member.run_dir / name
-        if not path.is_file():
-            return None, [str(path)]
-        try:
-            volumes += json.loads(path.read_text())["volumes"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{path}: not a valid {name} of a training run ({error})") from None
-        files.append(str(path))
-    return volumes, files
-
-
-def postprocessing_for(members, class_names: Sequence[str], skip: bool) -> dict:
-    """The largest-component decision, made afresh from the pooled validation figures
-    (postprocessing.json)."""
-    if skip:
-        return {"largest_component": [], "source": "skipped with --no-postprocessing"}
-    volumes, files = pooled_validation_volumes(members, "postprocessing.json")
-    if volumes is None:
-        return {"largest_component": [], "source": f"none: {files[0]} does not exist"}
-    decision = decide_postprocessing(volumes, class_names)
-    decision["source"] = files
-    return decision
-
-
-def review_rule_for(members, class_names: Sequence[str], settings: dict, device, amp_dtype) -> dict | None:
+def review_rule_for(members, class_names: Sequence[str], settings: dict, segmenter: Segmenter) -> dict | None:
     """The uncertainty thresholds that flag a case for review, fitted on the members' pooled
     validation volumes (uncertainty.json) as this run computes its scores. Training fitted them
     under its own settings (post-processing, no TTA, the default overlap); where this run's
@@ -156,7 +135,7 @@ def review_rule_for(members, class_names: Sequence[str], settings: dict, device,
         print(f"Review rule: fitted in training with {describe_settings(fitted)}; this run uses "
               f"{describe_settings(settings)}, so it is refitted on the members' validation volumes with these.",
               flush=True)
-        volumes = revalidate(members, class_names, settings, device, amp_dtype)
+        volumes = revalidate(members, class_names, settings, segmenter)
         if volumes is None:
             return None
     rule = fit_from_volumes(volumes, class_names)
@@ -172,9 +151,10 @@ def describe_settings(settings: dict | None) -> str:
             f"{', '.join(settings['largest_component']) or 'no organ'}")
 
 
-def revalidate(members, class_names: Sequence[str], settings: dict, device, amp_dtype) -> list[dict] | None:
+def revalidate(members, class_names: Sequence[str], settings: dict, segmenter: Segmenter) -> list[dict] | None:
     """Each member's own validation volumes evaluated by that member alone (it never trained on
-    them) with ``settings``, through the same ``evaluate_volume`` as the cases of this run."""
+    them) with ``settings``, through the same Segmenter call as the cases of this run (its device,
+    precision and engine)."""
     records = []
     for member in members:
         validation = (member.split or {}).get("val") or []
@@ -187,28 +167,21 @@ def revalidate(members, class_names: Sequence[str], settings: dict, device, amp_
             print(f"Review rule: {member.path}'s validation data ({root}) is not there to refit on; no case is "
                   "flagged in this run.", flush=True)
             return None
-        transform = preprocessing(member.config["spacing"], len(class_names))
-        ensemble = Ensemble([member], device, amp_dtype)
+        alone = Segmenter([member], segmenter.device, settings["tta"], settings["overlap"],
+                          {"largest_component": settings["largest_component"]}, segmenter.engine,
+                          amp=segmenter.amp_dtype is not None)
         for case in progress(cases, f"refitting the review rule on {Path(member.path).parent.name}'s validation"):
-            item = transform(case.as_dict())
-            probabilities = ensemble.probabilities(item["image"][None], member.config.get("roi_size"),
-                                                   settings["overlap"], settings["tta"])[0]
-            result = evaluate_volume(probabilities, item["image"], read_nifti_header(case.image), class_names,
-                                     settings["largest_component"], load_source(case.label)[0], hd95=False)
+            result = alone.evaluate(case.image, target=load_source(case.label)[0], hd95=False)
             records.append({"case": case.case_id, "uncertainty": result["uncertainty"], "dice": result["dice"]})
     return records
 
 
-def predict_case(case: Case, transform, ensemble: Ensemble, roi_size, args, postprocessing: dict, rule: dict | None,
-                 class_names: Sequence[str], out: Path) -> dict:
-    """One case through ``evaluation.evaluate_volume``: prediction and uncertainty NIfTIs on the
-    source grid, per-organ figures, flags."""
-    item = transform(case.as_dict())
-    probabilities = ensemble.probabilities(item["image"][None], roi_size, args.overlap, args.tta)[0]
-    image_data, source = load_source(case.image)
+def predict_case(case: Case, segmenter: Segmenter, args, rule: dict | None, out: Path) -> dict:
+    """One case, one call of the Python API (so through ``evaluation.evaluate_volume``): prediction
+    and uncertainty NIfTIs on the source grid, per-organ figures, flags."""
     target = load_source(case.label)[0].astype(np.int64) if case.label is not None else None
-    kept = postprocessing.get("largest_component", [])
-    evaluated = evaluate_volume(probabilities, item["image"], source, class_names, kept, target, hd95=not args.no_hd95)
+    evaluated = segmenter.evaluate(case.image, target=target, hd95=not args.no_hd95)
+    class_names, kept, source = segmenter.class_names, segmenter.largest_component, evaluated["source"]
     labels, entropy = evaluated["labels"], evaluated["entropy"]
     prediction_path, uncertainty_path = out / f"{case.case_id}_pred.nii.gz", out / f"{case.case_id}_uncertainty.nii.gz"
     write_prediction(labels, source, prediction_path)
@@ -235,6 +208,7 @@ def predict_case(case: Case, transform, ensemble: Ensemble, roi_size, args, post
     figures = []
     if not args.no_figures:
         from figures import save_case_figures, save_uncertainty_figure  # matplotlib only when figures are drawn
+        image_data = drop_trailing_singletons(np.asanyarray(source.dataobj))
         save_case_figures(image_data, target, labels, source.affine, class_names, out / "figures", case.case_id)
         save_uncertainty_figure(image_data, entropy, source.affine, out / "figures" / f"{case.case_id}_uncertainty.png",
                                 prediction=labels, class_names=class_names, title=f"{case.case_id}: uncertainty")
@@ -299,13 +273,81 @@ def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str]) -> di
             "flag_recall": float((flagged & below).sum() / below.sum()) if below.any() else None}
 
 
+@dataclass
+class Ranks:
+    """The processes of one prediction run: under torchrun the cases are split over them (rank r
+    predicts cases r, r + N, ...) and rank 0 gathers the results in case order and writes the
+    run's files; alone, one process does everything. NCCL with one GPU per process (cuda:LOCAL_RANK)
+    where it predicts on CUDA, gloo otherwise, as train.py sets up its processes."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @classmethod
+    def start(cls, device_name: str) -> Ranks:
+        device = resolve_device(device_name)
+        if "WORLD_SIZE" not in os.environ:
+            return cls(device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(device, dist.get_rank(), dist.get_world_size(), True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, cases: Sequence) -> list:
+        return list(cases[self.rank::self.world_size])
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+
+    def from_main(self, compute: Callable[[], object]):
+        """``compute()`` on rank 0 alone (it may print or refit), its result on every rank."""
+        value = [compute() if self.is_main else None]
+        if self.distributed:
+            dist.broadcast_object_list(value, src=0)
+        return value[0]
+
+    def raise_first(self, error: DataError | None) -> None:
+        """The error on every rank when any rank met one, so all stop before anything is written."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        errors = [None] * self.world_size
+        dist.all_gather_object(errors, None if error is None else str(error))
+        first = next((e for e in errors if e), None)
+        if first:
+            raise DataError(first)
+
+    def gather(self, results: list) -> list | None:
+        """Every rank's results on rank 0 in the order of the cases (None on the others)."""
+        if not self.distributed:
+            return results
+        parts = [None] * self.world_size if self.is_main else None
+        dist.gather_object(results, parts, dst=0)
+        if not self.is_main:
+            return None
+        total = sum(len(part) for part in parts)
+        return [parts[i % self.world_size][i // self.world_size] for i in range(total)]
+
+    def close(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
+    # ONNX Runtime runs on the CPU, so its processes talk over gloo whatever --device says.
+    ranks = Ranks.start(args.device if args.engine == "torch" else "cpu")
     members = load_members(args.checkpoint)
     config = members[0].config
     class_names = list(config["class_names"])
     spacing, roi_size = config["spacing"], config.get("roi_size")
-    amp_dtype = autocast_dtype(device, enabled=not config.get("no_amp", False))
     first_checkpoint = members[0].path
     out = Path(args.out)
     series_by_case = {}
@@ -318,30 +360,46 @@ def main(args: argparse.Namespace) -> dict:
                             "(an RTSTRUCT or SEG must refer to the images it was drawn on)")
         cases = select_cases(args, members[0].split, first_checkpoint)
     check_output_folder(out, [args.data_root, args.input], cases, args.overwrite)
-    for case in cases:
-        if case.case_id in series_by_case:
-            series_to_nifti(series_by_case[case.case_id], case.image)
-    check_inputs(cases, len(class_names))
-    postprocessing = postprocessing_for(members, class_names, args.no_postprocessing)
-    settings = review_settings(args.tta, args.overlap, postprocessing.get("largest_component", []))
-    rule = review_rule_for(members, class_names, settings, device, amp_dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predict_config.json").write_text(json.dumps(json_ready({
-        **vars(args), "checkpoints": [m.path for m in members], "spacing": spacing, "roi_size": roi_size,
-        "postprocessing": postprocessing, "review_rule": rule}), indent=2) + "\n")
-    transform = preprocessing(spacing, len(class_names))
-    ensemble = Ensemble(members, device, amp_dtype)
-    kept = postprocessing.get("largest_component", [])
-    print(f"Predicting {len(cases)} volume(s) with {len(members)} model(s) on {device} (spacing "
-          f"{[round(s, 3) for s in spacing]} mm, window {roi_size}, overlap {args.overlap}, tta {args.tta}; "
-          f"largest component kept for {', '.join(kept) or 'no class'})")
+    ranks.barrier()  # every rank has looked at --out before rank 0 writes into it
+    if ranks.is_main:
+        for case in cases:
+            if case.case_id in series_by_case:
+                series_to_nifti(series_by_case[case.case_id], case.image)
+    ranks.barrier()
+    error = None
+    try:
+        check_inputs(ranks.share(cases), len(class_names))
+    except DataError as problem:
+        error = problem
+    ranks.raise_first(error)
+    segmenter = Segmenter(members, ranks.device, args.tta, args.overlap, not args.no_postprocessing, args.engine)
+    postprocessing, kept = segmenter.postprocessing, segmenter.largest_component
+    settings = review_settings(args.tta, args.overlap, kept)
+    rule = ranks.from_main(lambda: review_rule_for(members, class_names, settings, segmenter))
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "predict_config.json").write_text(json.dumps(json_ready({
+            **vars(args), "checkpoints": [m.path for m in members], "spacing": spacing, "roi_size": roi_size,
+            "postprocessing": postprocessing, "review_rule": rule, "processes": ranks.world_size}), indent=2) + "\n")
+        engine = "ONNX Runtime (CPU, float32)" if args.engine == "onnx" else "PyTorch"
+        print(f"Predicting {len(cases)} volume(s) with {len(members)} model(s) on {segmenter.device} x "
+              f"{ranks.world_size} process(es), {engine} (spacing {[round(s, 3) for s in spacing]} mm, window "
+              f"{roi_size}, overlap {args.overlap}, tta {args.tta}; largest component kept for "
+              f"{', '.join(kept) or 'no class'})", flush=True)
+    ranks.barrier()  # figures/ and the DICOM outputs go into the folder rank 0 made
 
     results = []
-    for case in progress(cases, "predicting") if not sys.stderr.isatty() else cases:
-        results.append(predict_case(case, transform, ensemble, roi_size, args, postprocessing, rule, class_names, out))
+    mine = ranks.share(cases)
+    for case in progress(mine, "predicting") if not sys.stderr.isatty() else mine:
+        results.append(predict_case(case, segmenter, args, rule, out))
+        labels = results[-1].pop("labels")  # written already; not carried to rank 0 or kept for all cases
         if case.case_id in series_by_case:
-            write_dicom_outputs(results[-1]["labels"], series_by_case[case.case_id], args.output_format, class_names, out,
+            write_dicom_outputs(labels, series_by_case[case.case_id], args.output_format, class_names, out,
                                 results[-1]["report"])
+    results = ranks.gather(results)
+    if not ranks.is_main:
+        ranks.close()
+        return {}
     write_rows([row for r in results for row in r["rows"]], out / "metrics.csv")
     labelled = [r for r in results if r["dice"] is not None]
     checkpoint = [m.path for m in members] if len(members) > 1 else first_checkpoint
@@ -374,6 +432,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"Flagged for review: {len(flagged_cases)} of {len(results)} case(s)"
           + (f" ({', '.join(flagged_cases)})" if flagged_cases else ""))
     print(f"Outputs in {out} (open {out / 'report.html'})")
+    ranks.close()
     return summary
 
 
