@@ -24,7 +24,9 @@ import torch.distributed as dist
 from checkpoint import CheckpointError
 from cli import run_cli
 from dataset import Case, DataError, LoadValidated, cases_from_input, cases_in, drop_trailing_singletons, find_cases
-from dicom_io import find_series, is_dicom_folder, series_to_nifti, write_rtstruct, write_seg
+from dicom_io import absent_classes, parse_roi_names, write_rtstruct, write_seg
+from dicom_pixels import series_to_nifti
+from dicom_series import SkippedSeries, check_output_requirements, is_dicom_folder, scan_series, select_series
 from inference import (PREDICTION_OVERLAP, load_members, load_source, pooled_validation_volumes, resolve_device,
                        write_prediction)
 from metrics import json_ready, nan_mean, print_table, summarise, write_rows
@@ -44,10 +46,13 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(their probabilities are averaged)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-root", help="a HipMRI-layout folder; use with --split")
-    source.add_argument("--input", help="one NIfTI image, a folder of them (labels used when paired), or a folder "
-                        "holding one or more DICOM MR series (one case per SeriesInstanceUID)")
+    source.add_argument("--input", help="one NIfTI image, a folder of them (labels used when paired), or a DICOM "
+                        "folder as the scanner or PACS writes it (one case per usable series, or per echo, b-value, "
+                        "... where a series interleaves them; the other series are listed as skipped, with why)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
-                        help="which patients of the (first) checkpoint's own split to predict (with --data-root)")
+                        help="which patients of the checkpoint's own split to predict (with --data-root); an "
+                        "ensemble takes the test patients its models share and refuses train and val, which some "
+                        "of its models trained or validated on")
     parser.add_argument("--out", required=True, help="folder for predictions, metrics and figures")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--tta", action="store_true", help="average with the left-right mirrored prediction")
@@ -64,6 +69,15 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="nifti: <case>_pred.nii.gz (always written); rtstruct: <case>_rtstruct.dcm, an RT "
                         "Structure Set for planning systems; seg: <case>_seg.dcm, a DICOM Segmentation. rtstruct "
                         "and seg need a DICOM series as --input, since they refer to its images")
+    parser.add_argument("--series", nargs="+", metavar="SERIES",
+                        help="with a DICOM --input: predict only these series, each named by SeriesInstanceUID, "
+                        "SeriesNumber or a SeriesDescription pattern (shell wildcards, any case, e.g. '*t2*')")
+    parser.add_argument("--allow-modality", nargs="+", default=[], metavar="MODALITY",
+                        help="with a DICOM --input: also predict series of these modalities (e.g. CT), which the "
+                        "model (trained on its checkpoint's modality, MR) has never seen; the report says so")
+    parser.add_argument("--roi-names", nargs="+", default=[], metavar="CLASS=NAME",
+                        help="RTSTRUCT ROI and SEG segment names instead of the TG-263 ones (body=External, "
+                        "bone=Bone, bladder=Bladder, rectum=Rectum, prostate=Prostate), e.g. bone=Bone_Pelvic")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures (the report then has none)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slow metric)")
@@ -75,13 +89,70 @@ OUTPUT_FORMATS = ("nifti", "rtstruct", "seg")
 DICOM_AS_NIFTI = "dicom_as_nifti"  # the DICOM series as NIfTI, the grid the NIfTI prediction lies on
 
 
-def dicom_cases(args: argparse.Namespace) -> tuple[list[Case], dict]:
-    """Cases for the DICOM series under --input (read with pydicom in dicom_io), each predicted
-    from a NIfTI copy written to OUT/dicom_as_nifti/; {case id: series} for the DICOM outputs."""
-    series = find_series(args.input)
+def dicom_cases(args: argparse.Namespace, modality: str) -> tuple[list[Case], dict, list[SkippedSeries], list[str]]:
+    """Cases for the usable DICOM series under --input (dicom_series.scan_series), each predicted
+    from a NIfTI copy written to OUT/dicom_as_nifti/; {case id: series} for the DICOM outputs; the
+    skipped series; warnings for series of a modality the model (trained on ``modality``) never
+    saw. Before anything is written: --series applied, nothing usable refused, and every series
+    checked for what the requested RTSTRUCT or SEG must refer to."""
+    allowed = {modality.upper(), *(m.upper() for m in args.allow_modality)}
+    scan = select_series(scan_series(args.input, allowed), args.series)
+    if not scan.usable:
+        raise scan.nothing_usable()
+    check_output_requirements(scan.usable, [f for f in args.output_format if f != "nifti"])
+    warnings = [f"{s.where()}: modality {s.modality}, allowed with --allow-modality; the model was trained on "
+                f"{modality} only, so these labels are outside anything it was trained or validated on"
+                for s in scan.usable if s.modality.upper() != modality.upper()]
     folder = Path(args.out) / DICOM_AS_NIFTI
-    return ([Case(str(folder / f"{s.case_id}.nii.gz"), None, s.case_id, "", 0) for s in series],
-            {s.case_id: s for s in series})
+    return ([Case(str(folder / f"{s.case_id}.nii.gz"), None, s.case_id, "", 0) for s in scan.usable],
+            {s.case_id: s for s in scan.usable}, scan.skipped, warnings)
+
+
+def convert_series(cases: Sequence[Case], series_by_case: dict) -> list[SkippedSeries]:
+    """Each DICOM case's NIfTI copy; a series whose pixel data cannot be decoded is skipped with
+    the decoder's reason, which names its file."""
+    undecodable = []
+    for case in cases:
+        series = series_by_case.get(case.case_id)
+        if series is None:
+            continue
+        try:
+            series_to_nifti(series, case.image)
+        except DataError as error:
+            undecodable.append(SkippedSeries(series.folder, series.describe(), str(error), len(set(series.files))))
+    return undecodable
+
+
+def named_for_series(error: DataError, cases: Sequence[Case], series_by_case: dict) -> DataError:
+    """A problem found in a DICOM case's NIfTI copy, told by the series' folder and name: the copy
+    in OUT/dicom_as_nifti/ is an intermediate file the user never made."""
+    text = str(error)
+    for case in cases:
+        series = series_by_case.get(case.case_id)
+        if series is not None and case.image in text:
+            return DataError(text.replace(case.image, series.where()))
+    return error
+
+
+def evaluation_split(members, split: str) -> dict | None:
+    """The split this run evaluates. One model: its own. An ensemble can be evaluated only on
+    patients none of its models trained or validated on: --split test takes the test patients
+    the models share and refuses models whose test patients differ; --split val and train are
+    refused (each model's validation patients picked its best epoch, and in folds they are the
+    other models' training patients), not evaluated out of fold."""
+    if len(members) == 1 or split == "all" or any(not m.split for m in members):
+        return members[0].split
+    if split != "test":
+        raise DataError(f"--split {split} with {len(members)} models: each model trained or validated on some of "
+                        f"these patients, so the ensemble's Dice on them would be optimistic; predict each model "
+                        f"alone with --split {split}, or the ensemble with --split test")
+    tests = [sorted(m.split.get("test", [])) for m in members]
+    for member, test in zip(members[1:], tests[1:]):
+        if test != tests[0]:
+            raise DataError(f"--split test: the models' test patients differ ({members[0].path}: "
+                            f"{', '.join(tests[0]) or 'none'}; {member.path}: {', '.join(test) or 'none'}); an "
+                            "ensemble is evaluated only on patients none of its models trained or validated on")
+    return {"test": tests[0]}
 
 
 def select_cases(args: argparse.Namespace, split: dict | None, checkpoint: str) -> list[Case]:
@@ -102,6 +173,12 @@ def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: S
     """Never write into the data: refuse an --out inside an input folder or beside an input file,
     and refuse to replace earlier outputs unless --overwrite."""
     out_resolved = out.resolve()
+    owners: dict[str, Case] = {}
+    for case in cases:  # file systems that ignore case would write both into one file
+        first = owners.setdefault(case.case_id.lower(), case)
+        if first is not case:
+            raise DataError(f"{case.image}: its outputs ({out / case.case_id}_pred.nii.gz, ...) would overwrite those "
+                            f"of {first.image}; rename one of them")
     for folder in (Path(p).resolve() for p in input_folders if p and Path(p).is_dir()):
         if out_resolved == folder or folder in out_resolved.parents:
             raise DataError(f"{out}: refusing to write predictions inside the input folder {folder}")
@@ -236,15 +313,20 @@ def check_inputs(cases: Sequence[Case], num_classes: int) -> None:
 
 
 def write_dicom_outputs(labels: np.ndarray, series, formats: Sequence[str], class_names: Sequence[str], out: Path,
-                        report_entry: dict) -> None:
-    """RTSTRUCT and DICOM-SEG referring to the input series, in the figures' colours."""
+                        report_entry: dict, roi_names: dict | None = None) -> None:
+    """RTSTRUCT and DICOM-SEG referring to the input series, in the figures' colours; the report
+    entry names the series and the organs the RTSTRUCT leaves out for want of a voxel."""
     from figures import class_colours
     colours = class_colours(len(class_names))
+    report_entry["dicom_series"] = series.where()
     if "rtstruct" in formats:
-        path = write_rtstruct(labels, series, class_names, out / f"{series.case_id}_rtstruct.dcm", colours=colours)
+        path = write_rtstruct(labels, series, class_names, out / f"{series.case_id}_rtstruct.dcm", colours=colours,
+                              roi_names=roi_names)
         report_entry["rtstruct_path"] = path.name
+        report_entry["rtstruct_absent"] = absent_classes(labels, class_names)
     if "seg" in formats:
-        path = write_seg(labels, series, class_names, out / f"{series.case_id}_seg.dcm", colours=colours)
+        path = write_seg(labels, series, class_names, out / f"{series.case_id}_seg.dcm", colours=colours,
+                         roi_names=roi_names)
         report_entry["seg_path"] = path.name
 
 
@@ -350,27 +432,39 @@ def main(args: argparse.Namespace) -> dict:
     spacing, roi_size = config["spacing"], config.get("roi_size")
     first_checkpoint = members[0].path
     out = Path(args.out)
-    series_by_case = {}
+    series_by_case, skipped, warnings = {}, [], []
+    roi_names = parse_roi_names(args.roi_names, class_names)
     if args.input and is_dicom_folder(args.input):
-        cases, series_by_case = dicom_cases(args)
+        cases, series_by_case, skipped, warnings = dicom_cases(args, members[0].modality)
     else:
         if set(args.output_format) - {"nifti"}:
             raise DataError(f"{args.input or args.data_root}: --output-format "
                             f"{' '.join(sorted(set(args.output_format) - {'nifti'}))} needs a DICOM series as --input "
                             "(an RTSTRUCT or SEG must refer to the images it was drawn on)")
-        cases = select_cases(args, members[0].split, first_checkpoint)
+        if args.series or args.allow_modality:
+            raise DataError(f"{args.input or args.data_root}: --series and --allow-modality choose among DICOM "
+                            "series, and this input is not a DICOM folder")
+        cases = select_cases(args, evaluation_split(members, args.split), first_checkpoint)
     check_output_folder(out, [args.data_root, args.input], cases, args.overwrite)
     ranks.barrier()  # every rank has looked at --out before rank 0 writes into it
+    undecodable = ranks.from_main(lambda: convert_series(cases, series_by_case)) if series_by_case else []
+    if undecodable:
+        gone = {s.series for s in undecodable}
+        cases = [c for c in cases if series_by_case.get(c.case_id) is None
+                 or series_by_case[c.case_id].describe() not in gone]
+        skipped = sorted(skipped + undecodable, key=lambda s: (str(s.folder), s.series))
+        if not cases:
+            raise DataError(f"{args.input}: no usable image series ("
+                            + "; ".join(f"{s.series}: {s.reason}" for s in skipped) + ")")
     if ranks.is_main:
-        for case in cases:
-            if case.case_id in series_by_case:
-                series_to_nifti(series_by_case[case.case_id], case.image)
+        for line in [s.line() for s in skipped] + [f"warning: {w}" for w in warnings]:
+            print(line, flush=True)
     ranks.barrier()
     error = None
     try:
         check_inputs(ranks.share(cases), len(class_names))
     except DataError as problem:
-        error = problem
+        error = named_for_series(problem, cases, series_by_case)
     ranks.raise_first(error)
     segmenter = Segmenter(members, ranks.device, args.tta, args.overlap, not args.no_postprocessing, args.engine)
     postprocessing, kept = segmenter.postprocessing, segmenter.largest_component
@@ -391,11 +485,14 @@ def main(args: argparse.Namespace) -> dict:
     results = []
     mine = ranks.share(cases)
     for case in progress(mine, "predicting") if not sys.stderr.isatty() else mine:
-        results.append(predict_case(case, segmenter, args, rule, out))
+        try:
+            results.append(predict_case(case, segmenter, args, rule, out))
+        except DataError as problem:
+            raise named_for_series(problem, cases, series_by_case) from None
         labels = results[-1].pop("labels")  # written already; not carried to rank 0 or kept for all cases
         if case.case_id in series_by_case:
             write_dicom_outputs(labels, series_by_case[case.case_id], args.output_format, class_names, out,
-                                results[-1]["report"])
+                                results[-1]["report"], roi_names)
     results = ranks.gather(results)
     if not ranks.is_main:
         ranks.close()
@@ -418,6 +515,11 @@ def main(args: argparse.Namespace) -> dict:
                                     "settings": rule["settings"]})
     summary["flagged"] = [{"case": r["case"].case_id, "organ": f["organ"], "score": f["score"],
                            "threshold": f["threshold"], "reason": f["reason"]} for r in results for f in r["flags"]]
+    if series_by_case:
+        summary["skipped_series"] = [s.as_dict() for s in skipped]
+        summary["warnings"] = warnings
+        summary["left_out_of_rtstruct"] = {r["report"]["case_id"]: r["report"]["rtstruct_absent"] for r in results
+                                           if r["report"].get("rtstruct_absent")}
     (out / "summary.json").write_text(json.dumps(json_ready(summary), indent=2) + "\n")
     run_figures = []
     if labelled and not args.no_figures:
@@ -425,7 +527,8 @@ def main(args: argparse.Namespace) -> dict:
         save_dice_boxplot(np.array([r["dice"] for r in labelled]), class_names, out / "figures" / "dice_boxplot.png")
         run_figures = ["figures/dice_boxplot.png"]
     write_report(out, [r["report"] for r in results], summary if labelled else None, class_names,
-                 title=f"Prediction report: {len(results)} volume(s), {len(members)} model(s)", run_figures=run_figures)
+                 title=f"Prediction report: {len(results)} volume(s), {len(members)} model(s)", run_figures=run_figures,
+                 skipped=[s.as_dict() for s in skipped], warnings=warnings)
     if labelled:
         print_table(summary, class_names)
     flagged_cases = sorted({f["case"] for f in summary["flagged"]})

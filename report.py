@@ -70,6 +70,8 @@ label.zoom input:checked + img.thumb { position: fixed; inset: 0; margin: auto; 
   height: 94vh; max-width: none; object-fit: contain; border: 1px solid #888; background: #fff;
   cursor: zoom-out; box-shadow: 0 0 0 100vmax rgba(0, 0, 0, 0.6); }
 .note { color: #555; font-size: 12px; }
+.warning { background: #fddbc7; border-left: 4px solid #b2182b; padding: 4px 8px; }
+table.skipped td { text-align: left; }
 @media (max-width: 1000px) {
   table.cases > tbody > tr.case > td { display: block; width: auto; border-top: none; }
   table.cases > tbody > tr.case > td.info { border-top: 2px solid #bbb; }
@@ -78,7 +80,8 @@ label.zoom input:checked + img.thumb { position: fixed; inset: 0; margin: auto; 
 
 
 def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | None, class_names: Sequence[str],
-                 title: str = "Prediction report", run_figures: Sequence[str | Path] = ()) -> Path:
+                 title: str = "Prediction report", run_figures: Sequence[str | Path] = (),
+                 skipped: Sequence[dict] = (), warnings: Sequence[str] = ()) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
     ``cases``: one dict per predicted case::
@@ -88,6 +91,8 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
          "uncertainty_path": str | Path | None,  # the entropy NIfTI
          "image_path": str | Path | None,        # the source image
          "rtstruct_path": str | Path,             # optional: the RT Structure Set (DICOM input only)
+         "rtstruct_absent": [str, ...],           # optional: organs left out of it (no voxel)
+         "dicom_series": str,                     # optional: the series it was predicted from
          "seg_path": str | Path,                  # optional: the DICOM Segmentation (DICOM input only)
          "figures": [str | Path, ...],           # PNG files, relative to out_dir, embedded as thumbnails
          "metrics": {class_name: {"pred_volume_ml": float, "uncertainty": float | None,
@@ -104,7 +109,9 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
     way (mean and population std over finite values; a miss is an organ with a true volume but no
     predicted one, or the reverse). ``run_figures``: PNG files (relative to out_dir) for the
     whole run, e.g. the Dice box plot. Figures are embedded (the page grows by about 4/3 of their
-    bytes); output files are linked.
+    bytes); output files are linked. ``skipped``: the DICOM series not predicted, as
+    ``{"folder", "series", "reason"}``; ``warnings``: lines the reader must see first (a series
+    of a modality the model was not trained on).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +126,7 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{_text(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
              f"<h1>{_text(title)}</h1>"]
+    parts += [f'<p class="warning"><strong>Warning:</strong> {_text(line)}</p>' for line in warnings]
     parts += _overview(out_dir, ordered, summary, has_labels, anchors)
     parts += _class_table(ordered, summary, foreground, colours, has_labels)
     if run_figures:
@@ -126,6 +134,7 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
         parts += [_thumbnail(out_dir, figure, "") for figure in run_figures]
         parts += ["</div>"]
     parts += _case_table(out_dir, ordered, foreground, colours, has_labels, anchors)
+    parts += _skipped_table(skipped)
     parts += ["</body>", "</html>"]
     path = out_dir / REPORT_NAME
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
@@ -230,7 +239,12 @@ def _case_table(out_dir, cases, foreground, colours, has_labels, anchors) -> lis
                    ("RTSTRUCT", case.get("rtstruct_path")), ("DICOM-SEG", case.get("seg_path")),
                    ("image", case.get("image_path"))]
         info.append('<ul class="paths">' + "".join(f"<li>{label}: {_link(out_dir, path, str(path))}</li>"
-                                                    for label, path in outputs if path) + "</ul>")
+                                                    for label, path in outputs if path)
+                    + (f"<li>DICOM series: {_text(case['dicom_series'])}</li>" if case.get("dicom_series") else "")
+                    + "</ul>")
+        if case.get("rtstruct_absent"):
+            info.append(f'<p class="note">Left out of the RTSTRUCT (no voxel predicted): '
+                        f'{_text(", ".join(case["rtstruct_absent"]))}</p>')
 
         organ_rows = ["<table><thead><tr><th>organ</th>" + "".join(f"<th>{_text(h)}</th>" for _, h in columns)
                       + "</tr></thead><tbody>"]
@@ -248,6 +262,17 @@ def _case_table(out_dir, cases, foreground, colours, has_labels, anchors) -> lis
                   '<td class="info">' + "".join(info) + "</td>",
                   '<td class="organs">' + "".join(organ_rows) + "</td>",
                   '<td class="figures"><div class="thumbs">' + "".join(thumbs) + "</div></td>", "</tr>"]
+    return lines + ["</tbody>", "</table>"]
+
+
+def _skipped_table(skipped: Sequence[dict]) -> list[str]:
+    if not skipped:
+        return []
+    lines = [f"<h2>Skipped series ({len(skipped)})</h2>", '<table class="skipped classes">',
+             "<thead><tr><th>series</th><th>folder</th><th>reason</th></tr></thead>", "<tbody>"]
+    for item in skipped:
+        lines.append(f'<tr data-skipped="{_text(item["series"])}"><td>{_text(item["series"])}</td>'
+                     f'<td class="mono">{_text(item["folder"])}</td><td>{_text(item["reason"])}</td></tr>')
     return lines + ["</tbody>", "</table>"]
 
 
