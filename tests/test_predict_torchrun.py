@@ -1,0 +1,90 @@
+"""predict.py under torchrun: two gloo processes on the CPU split four phantom cases (rank 0 takes
+cases 0 and 2, rank 1 cases 1 and 3) and rank 0 gathers them; every file must be what one process
+writes, and metrics.csv identical byte for byte (so rows in the single run's case order, not in
+the order the ranks held them). Run as tests/test_distributed.py runs torchrun: in its own process
+group, killed with all of its ranks on a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # scripts, not an installed package
+    sys.path.insert(0, str(REPO))
+
+import phantom  # noqa: E402
+import train  # noqa: E402
+from cli import run_cli  # noqa: E402
+
+TIMEOUT_S = 180
+TINY = ["--epochs", "1", "--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0",
+        "--device", "cpu"]
+
+
+def environment() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"timed out after {TIMEOUT_S} s: {' '.join(args[:6])} ...\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert result.returncode == 0, f"exit {result.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return result
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path):
+    data = tmp_path / "data"
+    phantom.write_phantom(data, patients=5, weeks=4, shape=(20, 18, 12), seed=0)  # 1 test patient: 4 cases
+    run_dir = tmp_path / "run"
+    assert run_cli(train.main, train.get_args(["--data-root", str(data), "--out", str(run_dir), *TINY])) == 0
+    command = ["predict.py", "--checkpoint", str(run_dir), "--data-root", str(data), "--split", "test", "--device",
+               "cpu", "--no-figures"]
+    single = run([*command, "--out", str(tmp_path / "single")])
+    double = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *command,
+                  "--out", str(tmp_path / "double")])
+    one, two = tmp_path / "single", tmp_path / "double"
+
+    assert "x 2 process(es)" in double.stdout and "x 1 process(es)" in single.stdout
+    # Each rank predicted its two cases (progress goes to stderr, one line set per rank).
+    assert double.stderr.count("predicting: 2 of 2 done") == 2, double.stderr[-3000:]
+    assert json.loads((two / "predict_config.json").read_text())["processes"] == 2
+
+    assert files(one) == files(two)
+    predictions = [name for name in files(one) if name.endswith("_pred.nii.gz")]
+    assert len(predictions) == 4
+    metrics = (one / "metrics.csv").read_text()
+    assert (two / "metrics.csv").read_bytes() == (one / "metrics.csv").read_bytes()
+    # the single run's rows come case by case in sorted case order, six classes each
+    order = [line.split(",")[0] for line in metrics.splitlines()[1:]]
+    cases = sorted(name.replace("_pred.nii.gz", "") for name in predictions)
+    assert order == [case for case in cases for _ in range(6)]
+    assert json.loads((two / "summary.json").read_text()) == json.loads((one / "summary.json").read_text())
+    assert (two / "report.html").read_bytes() == (one / "report.html").read_bytes()
+    for name in files(one):
+        if name.endswith(".nii.gz"):
+            a, b = nib.load(str(one / name)), nib.load(str(two / name))
+            np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj), err_msg=name)
+            np.testing.assert_array_equal(a.affine, b.affine)
