@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.dummy import DummyProcess
@@ -114,15 +115,26 @@ def find_cases(data_root: str | Path, require_labels: bool = True) -> list[Case]
     return cases
 
 
-LABEL_NAME = re.compile(r"(_SEMANTIC|label|_seg\b|_mask\b)", re.IGNORECASE)
+# A label file outside HipMRI naming: one of these words as a whole part of the name, set off by
+# "_", "-" or "." (so "scan_label", "a_seg", "label_a" and "Case_004_Week0_SEMANTIC" are labels,
+# "unlabelled" is not); a folder is a label folder when one of its name's parts is "label(s)".
+LABEL_NAME = re.compile(r"(?:^|[_\-.])(?:semantic|labels?|seg|mask)(?=[_\-.]|$)", re.IGNORECASE)
+LABEL_FOLDER = re.compile(r"(?:^|[_\-.\s])labels?(?=[_\-.\s]|$)", re.IGNORECASE)
+NIFTI_NAME = re.compile(r"\.nii(?:\.gz)?$", re.IGNORECASE)
 
 
 def cases_from_input(path: str | Path) -> list[Case]:
-    """Images to predict: one NIfTI file, or every NIfTI image in a folder (labels used when paired
-    by HipMRI names). Outside HipMRI naming, files that look like labels (``_SEMANTIC``, ``label``,
-    ``_seg``, ``_mask`` in the name or a ``label`` folder) are not images; case ids are file names,
-    or relative paths where two files in different folders share a name, so no output is written
-    twice."""
+    """Images to predict: one NIfTI file, or every NIfTI image under a folder.
+
+    HipMRI names only attach labels: an image named like ``Case_004_Week0_LFOV.nii.gz`` is paired
+    with its ``_SEMANTIC`` label and carries its patient and week, and every other image is a
+    case all the same. Label files (``LABEL_NAME``) and files in label folders (``LABEL_FOLDER``)
+    are not images; they and files that are not ``.nii``/``.nii.gz`` are named in a warning with
+    the reason. Case ids are unique by construction, ignoring case (output names must differ on
+    any file system): the file name without ``.nii(.gz)`` and ``_LFOV``, and where two files
+    would share one, more of it in steps (the folders below ``path``, then ``_LFOV``, then the
+    extension), and a number as the last resort.
+    """
     path = Path(path)
     if path.is_file():
         match = NAME_PATTERN.match(path.name)
@@ -130,23 +142,75 @@ def cases_from_input(path: str | Path) -> list[Case]:
         return [Case(str(path), None, case_id_from_path(path), patient, week)]
     if not path.is_dir():
         raise DataError(f"{path}: input does not exist")
-    try:
-        return find_cases(path, require_labels=False)
-    except DataError:
-        pass
-    files = sorted(p for p in path.rglob("*.nii*") if p.is_file() and re.search(r"\.nii(\.gz)?$", p.name, re.I)
-                   and not LABEL_NAME.search(p.name)
-                   and not any("label" in part.lower() for part in p.relative_to(path).parts[:-1]))
-    if not files:
+    images, labels = [], {}
+    for file in sorted(p for p in path.rglob("*.nii*") if p.is_file()):
+        relative = file.relative_to(path)
+        if not NIFTI_NAME.search(file.name):
+            log.warning("%s: skipped: not a .nii or .nii.gz file", file)
+            continue
+        match = NAME_PATTERN.match(file.name)
+        if match and match["semantic"]:
+            labels[(f"{int(match['patient']):03d}", int(match["week"]))] = file
+            continue
+        folder = next((part for part in relative.parts[:-1] if LABEL_FOLDER.search(part)), None)
+        if folder is not None:
+            log.warning("%s: skipped: in the label folder %s", file, folder)
+            continue
+        if not match and LABEL_NAME.search(NIFTI_NAME.sub("", file.name)):
+            log.warning("%s: skipped: its name marks a label (%s), not an image", file,
+                        LABEL_NAME.search(NIFTI_NAME.sub("", file.name)).group(0).strip("_-."))
+            continue
+        images.append((file, match))
+    if not images:
         raise DataError(f"{path}: no .nii or .nii.gz images found")
-    names = [case_id_from_path(p) for p in files]
+    case_ids = unique_case_ids([file.relative_to(path) for file, _ in images])
+    keys: dict[tuple[str, int], Path] = {}
+    for file, match in images:
+        if match:
+            key = (f"{int(match['patient']):03d}", int(match["week"]))
+            if key in keys:  # which of the two its label belongs to cannot be told
+                raise DataError(f"{file}: a second image for patient {key[0]} week {key[1]} (first: {keys[key]})")
+            keys[key] = file
     cases = []
-    for file, name in zip(files, names):
-        if names.count(name) > 1:
-            relative = file.relative_to(path)
-            name = "__".join([*relative.parts[:-1], case_id_from_path(relative)])
-        cases.append(Case(str(file), None, name, "", 0))
+    for (file, match), case_id in zip(images, case_ids):
+        key = (f"{int(match['patient']):03d}", int(match["week"])) if match else None
+        label = labels.pop(key, None) if key else None
+        cases.append(Case(str(file), str(label) if label else None, case_id, key[0] if key else "",
+                          key[1] if key else 0))
+    for label in labels.values():
+        log.warning("%s: label without image, skipped", label)
     return cases
+
+
+def unique_case_ids(relative_paths: Sequence[Path]) -> list[str]:
+    """One id per file, unique ignoring case: each file starts at the shortest form of its name
+    and the files that still share an id move on to a longer form, until none do."""
+    def forms(relative: Path) -> list[str]:
+        folders = list(relative.parts[:-1])
+        stem = NIFTI_NAME.sub("", relative.name)
+        extension = relative.name[len(stem):].lstrip(".").replace(".", "_")
+        return [case_id_from_path(relative), "__".join([*folders, case_id_from_path(relative)]),
+                "__".join([*folders, stem]), "__".join([*folders, f"{stem}_{extension}"])]
+
+    candidates = [forms(p) for p in relative_paths]
+    level = [0] * len(candidates)
+    while True:
+        ids = [c[n] for c, n in zip(candidates, level)]
+        counts = Counter(i.lower() for i in ids)
+        clashing = [k for k, i in enumerate(ids) if counts[i.lower()] > 1 and level[k] < 3]
+        if not clashing:
+            break
+        for k in clashing:
+            level[k] += 1
+    taken: set[str] = set()
+    unique = []
+    for case_id in ids:  # only names differing in case alone are left to tell apart
+        final, copy = case_id, 2
+        while final.lower() in taken:
+            final, copy = f"{case_id}_{copy}", copy + 1
+        taken.add(final.lower())
+        unique.append(final)
+    return unique
 
 
 # ----------------------------------------------------------------------------- split

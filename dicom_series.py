@@ -373,8 +373,8 @@ def regular_stack(frames: Sequence[Frame], image_type: Sequence[str] = ()) -> St
     if orientations.shape[1] != 6 or np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         distinct = len(np.unique(np.round(orientations, 3), axis=0)) if orientations.shape[1] == 6 else "several"
         localizer = "ImageType LOCALIZER, " if "LOCALIZER" in {str(v).upper() for v in image_type} else ""
-        raise Rejected(f"{distinct} different orientations in one series ({localizer}a three-plane localizer? "
-                       "export one plane per series)")
+        raise Rejected(f"mixed orientations: {distinct} different ImageOrientationPatient values in one series "
+                       f"({localizer}a three-plane localizer?)")
     row_cosine, column_cosine = orientations[0, :3], orientations[0, 3:]
     row_cosine, column_cosine = row_cosine / np.linalg.norm(row_cosine), column_cosine / np.linalg.norm(column_cosine)
     if abs(row_cosine @ column_cosine) > 1e-3:
