@@ -108,10 +108,12 @@ def parse_roi_names(items: Sequence[str] | None, class_names: Sequence[str]) -> 
     return names
 
 
-def absent_classes(labels: np.ndarray, class_names: Sequence[str]) -> list[str]:
-    """The foreground classes without a single voxel: left out of the RTSTRUCT."""
+def absent_classes(labels: np.ndarray, class_names: Sequence[str], external_class: str | None = "body") -> list[str]:
+    """The ROIs left out of the RTSTRUCT: foreground classes without a single voxel, and the
+    external class only when nothing at all is labelled (it outlines every labelled voxel)."""
     present = np.bincount(np.asarray(labels).reshape(-1).astype(np.int64), minlength=len(class_names))
-    return [name for number, name in enumerate(class_names) if number > 0 and present[number] == 0]
+    return [name for number, name in enumerate(class_names) if number > 0
+            and not (present[1:].any() if name == external_class else present[number])]
 
 
 # ----------------------------------------------------------------------------- polygons
@@ -294,7 +296,7 @@ def write_rtstruct(labels: np.ndarray, series: DicomSeries, class_names: Sequenc
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_of_reference])
 
     structure_rois, roi_contours, observations = [], [], []
-    absent = set(absent_classes(labels, class_names))
+    absent = set(absent_classes(labels, class_names, external_class))
     for number, name in enumerate(class_names):
         if number == 0 or name in absent:
             continue
