@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 from html.parser import HTMLParser
 from urllib.parse import unquote
@@ -463,8 +464,10 @@ def test_predict_cli_writes_predictions_metrics_summary_and_figures(predicted):
     assert (out / "predict_config.json").is_file()
 
 
-def test_predict_refuses_to_replace_outputs_without_overwrite_then_overwrites(trained, predicted, capsys):
-    out = predicted["out"]
+def test_predict_refuses_to_replace_outputs_without_overwrite_then_overwrites(trained, predicted, tmp_path, capsys):
+    # a copy: the shared predictions (with figures) stay as the other tests read them
+    out = tmp_path / "predictions"
+    shutil.copytree(predicted["out"], out)
     before = mtimes(out)
     command = ["predict.py", "--checkpoint", str(trained["run"] / "best.pt"), "--data-root", str(trained["data"]),
                "--split", "test", "--out", str(out), "--device", "cpu", "--no-hd95"]
