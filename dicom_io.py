@@ -139,7 +139,8 @@ def filled_polygons(mask: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]
     generator = contourpy.contour_generator(z=padded, fill_type=contourpy.FillType.OuterOffset)
     pieces = []
     for points, offsets in zip(*generator.filled(0.5, 2.0)):
-        rings = [_ring(points[a:b, ::-1] - 1) for a, b in zip(offsets[:-1], offsets[1:])]  # contourpy's (x, y) is (j, i)
+        # contourpy's (x, y) is (j, i), and the padding shifted both by one
+        rings = [_ring(points[a:b, ::-1] - 1) for a, b in zip(offsets[:-1], offsets[1:])]
         outline, holes = rings[0], rings[1:]
         outline = outline if _area(outline) > 0 else outline[::-1]
         pieces.append((outline, [h if _area(h) < 0 else h[::-1] for h in holes]))

@@ -403,7 +403,8 @@ def regular_stack(frames: Sequence[Frame], image_type: Sequence[str] = ()) -> St
     lps[:3, 1] = column_cosine * row_spacing  # j: down a column, from row to row
     lps[:3, 2] = normal * slice_spacing
     lps[:3, 3] = positions[0]
-    return Stack(frames, LPS_TO_RAS @ lps, positions, tuple(orientations[0]), (float(row_spacing), float(column_spacing)))
+    return Stack(frames, LPS_TO_RAS @ lps, positions, tuple(orientations[0]),
+                 (float(row_spacing), float(column_spacing)))
 
 
 def check_slice_spacing(along_normal: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""Series that a scanner or PACS puts beside the T2, made from a single-frame series for tests.
+"""Series that a scanner or PACS puts beside the T2, made from a single-frame series for tests,
+and a second RTSTRUCT reader.
 
 Each function reads the files of a series written by ``phantom.write_dicom_series`` and writes a
 variant into ``folder``: a multi-frame copy made by highdicom's legacy converter, a JPEG Lossless
@@ -19,6 +20,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, JPEGLosslessSV1, generate_uid
 
 import jpeg_lossless
+from matplotlib.path import Path as MatplotlibPath
 
 
 def _renewed(path, series_uid: str) -> pydicom.Dataset:
@@ -116,3 +118,31 @@ def dual_echo(files, folder, series_number: int = 15) -> list[Path]:
             dataset.SeriesNumber, dataset.SeriesDescription = series_number, "dual echo"
             written.append(_save(dataset, Path(folder), f"E{echo}_{Path(path).name}"))
     return written
+
+
+def union_reader_masks(path, series):
+    """ROI masks as a reader that fills every contour and takes their union reads them (some
+    planning systems do): matplotlib's point-in-polygon on each pixel centre, not shared with the
+    project's even-odd reader; contour points mapped into the slice by its own header's position
+    and orientation (single-frame series)."""
+    ds = pydicom.dcmread(path)
+    names = {int(roi.ROINumber): str(roi.ROIName) for roi in ds.StructureSetROISequence}
+    headers = {}
+    for k, file in enumerate(series.files):
+        header = pydicom.dcmread(file, stop_before_pixels=True)
+        headers[header.SOPInstanceUID] = (k, header)
+    columns, rows, _ = series.shape
+    centres = np.column_stack([a.ravel() for a in np.meshgrid(np.arange(columns), np.arange(rows), indexing="ij")])
+    masks = {}
+    for roi_contour in ds.ROIContourSequence:
+        mask = np.zeros(series.shape, dtype=bool)
+        for contour in roi_contour.ContourSequence:
+            k, header = headers[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            cosines = np.array(header.ImageOrientationPatient, dtype=float)
+            spacing = np.array(header.PixelSpacing, dtype=float)
+            offsets = np.array(contour.ContourData, dtype=float).reshape(-1, 3) - np.array(
+                header.ImagePositionPatient, dtype=float)
+            polygon = np.column_stack([offsets @ cosines[:3] / spacing[1], offsets @ cosines[3:] / spacing[0]])
+            mask[:, :, k] |= MatplotlibPath(polygon).contains_points(centres).reshape(columns, rows)
+        masks[names[int(roi_contour.ReferencedROINumber)]] = mask
+    return masks

@@ -21,8 +21,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
 
 import dicom_io
+import dicom_study
 import phantom
-from matplotlib.path import Path as MatplotlibPath
 from scipy import ndimage
 from dataset import CLASS_NAMES, DataError
 from figures import class_colours
@@ -234,12 +234,14 @@ def test_rtstruct_round_trip_on_the_phantom_at_coarse_resolution(phantom_case, t
     series, labels = phantom_case.series, phantom_case.labels
     path = dicom_io.write_rtstruct(labels, series, CLASS_NAMES, tmp_path / "Case_004_Week0_rtstruct.dcm")
     masks = dicom_io.read_rtstruct_masks(path, series)
+    union = dicom_study.union_reader_masks(path, series)
     assert list(masks) == ["External", "Bone", "Bladder", "Rectum", "Prostate"]  # TG-263
     for number, name in enumerate(CLASS_NAMES[1:], start=1):
         expected = outline(labels) if number == BODY else labels == number
         mask = masks[dicom_io.roi_name(name)]
         assert dice(mask, expected) >= 0.95, name
         np.testing.assert_array_equal(mask, expected, err_msg=name)
+        np.testing.assert_array_equal(union[dicom_io.roi_name(name)], expected, err_msg=name)
 
 
 def test_rtstruct_references_the_series_and_puts_each_contour_on_its_slice(phantom_case, tmp_path):
@@ -284,31 +286,6 @@ def test_rtstruct_references_the_series_and_puts_each_contour_on_its_slice(phant
         assert contoured_z == {round(z_of_k[k], 3) for k in np.flatnonzero(mask.any(axis=(0, 1)))}
 
 
-def union_reader_masks(path, series):
-    """A reader that fills every contour and takes their union (some planning systems do):
-    matplotlib's point-in-polygon on each pixel centre, written here and not shared with the
-    project's reader; contour points mapped into the slice by its own position and orientation."""
-    ds = pydicom.dcmread(path)
-    names = {int(roi.ROINumber): str(roi.ROIName) for roi in ds.StructureSetROISequence}
-    headers = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: (k, pydicom.dcmread(f, stop_before_pixels=True))
-               for k, f in enumerate(series.files)}
-    columns, rows, _ = series.shape
-    centres = np.column_stack([a.ravel() for a in np.meshgrid(np.arange(columns), np.arange(rows), indexing="ij")])
-    masks = {}
-    for roi_contour in ds.ROIContourSequence:
-        mask = np.zeros(series.shape, dtype=bool)
-        for contour in roi_contour.ContourSequence:
-            k, header = headers[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
-            cosines = np.array(header.ImageOrientationPatient, dtype=float)
-            spacing = np.array(header.PixelSpacing, dtype=float)
-            offsets = np.array(contour.ContourData, dtype=float).reshape(-1, 3) - np.array(
-                header.ImagePositionPatient, dtype=float)
-            polygon = np.column_stack([offsets @ cosines[:3] / spacing[1], offsets @ cosines[3:] / spacing[0]])
-            mask[:, :, k] |= MatplotlibPath(polygon).contains_points(centres).reshape(columns, rows)
-        masks[names[int(roi_contour.ReferencedROINumber)]] = mask
-    return masks
-
-
 def test_rtstruct_keeps_holes_islands_and_one_pixel_regions_on_an_oblique_grid(tmp_path):
     shape, spacing = (24, 20, 6), (3.7, 3.7, 3.7)
     affine = ras_affine_from_lps(OBLIQUE_DIRECTIONS, spacing, (-40.0, -30.0, 5.0))
@@ -330,7 +307,7 @@ def test_rtstruct_keeps_holes_islands_and_one_pixel_regions_on_an_oblique_grid(t
     (series,) = dicom_io.find_series(folder)
     path = dicom_io.write_rtstruct(labels, series, names, tmp_path / "shapes_rtstruct.dcm", external_class=None)
     masks = dicom_io.read_rtstruct_masks(path, series)  # the even-odd rule
-    union = union_reader_masks(path, series)
+    union = dicom_study.union_reader_masks(path, series)
     assert set(masks) == set(union) == {"ring", "pair", "specks"}  # "absent" has no voxel: left out
     for number, name in enumerate(names[1:4], start=1):
         expected = labels == number

@@ -129,11 +129,16 @@ def test_rtstruct_and_seg_of_the_study_read_back_as_the_nifti_labels(study, pred
     from highdicom.seg import segread
     for name in ("T2", "T2_enhanced"):
         labels = np.asanyarray(nib.load(out / f"{name}_pred.nii.gz").dataobj)
-        masks = dicom_io.read_rtstruct_masks(out / f"{name}_rtstruct.dcm", series[name])
+        masks = dicom_io.read_rtstruct_masks(out / f"{name}_rtstruct.dcm", series[name])  # even-odd
         present = [c for c in range(2, len(CLASS_NAMES)) if (labels == c).any()]
         assert set(masks) == {"External", *(dicom_io.roi_name(CLASS_NAMES[c]) for c in present)}, name
         for c in present:
             np.testing.assert_array_equal(masks[dicom_io.roi_name(CLASS_NAMES[c])], labels == c, err_msg=name)
+    union = dicom_study.union_reader_masks(out / "T2_rtstruct.dcm", series["T2"])  # every contour filled
+    labels = np.asanyarray(nib.load(out / "T2_pred.nii.gz").dataobj)
+    for c in range(2, len(CLASS_NAMES)):
+        if (labels == c).any():
+            np.testing.assert_array_equal(union[dicom_io.roi_name(CLASS_NAMES[c])], labels == c)
         seg = segread(out / f"{name}_seg.dcm")
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[name].series_uid
     summary = json.loads((out / "summary.json").read_text())
