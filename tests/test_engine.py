@@ -438,7 +438,8 @@ def test_help_lists_the_defaults(script, default):
     result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0
-    overlap_help = result.stdout[result.stdout.index("--overlap"):].split("\n  --")[0]
+    options = result.stdout[result.stdout.index("options:"):]  # past the usage line, which names flags too
+    overlap_help = options[options.index("\n  --overlap"):].split("\n  --")[1]
     assert default in " ".join(overlap_help.split()), overlap_help
 
 
