@@ -9,6 +9,8 @@ need not import this module.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +36,27 @@ LAYOUTS = {
     "course": ("semantic_MRs", "semantic_labels_only",
                "K{p:03d}_Week{w}_LFOV.nii.gz", "K{p:03d}_Week{w}_SEMANTIC.nii.gz"),
 }
+
+
+def distributed_environment() -> dict:
+    """The environment without torchrun's variables, so a child starts its own process group."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_in_process_group(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``python ARGS`` in its own process group, so a hung torchrun is ended with all of its
+    worker ranks (a plain timeout would end the launcher and leave the ranks holding the pipes)."""
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=distributed_environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(args[:6])} ...\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def synthetic_case(shape=SHAPE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

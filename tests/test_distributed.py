@@ -38,6 +38,7 @@ import predict  # noqa: E402
 import train  # noqa: E402
 from cli import run_cli  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from conftest import distributed_environment as environment, run_in_process_group  # noqa: E402
 from dataset import CLASS_NAMES, cases_in, find_cases, preprocessing  # noqa: E402
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -45,23 +46,8 @@ TIMEOUT_S = 300
 TINY = ["--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0", "--device", "cpu"]
 
 
-def environment() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
 def run(args: list[str], timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run in its own process group, so a hung torchrun is ended with all of its worker ranks."""
-    process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(args[:6])} ...\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return run_in_process_group(args, timeout)
 
 
 def explain(result: subprocess.CompletedProcess) -> str:

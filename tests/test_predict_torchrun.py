@@ -8,15 +8,12 @@ group, killed with all of its ranks on a timeout.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # scripts, not an installed package
@@ -25,29 +22,16 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
 import phantom  # noqa: E402
 import train  # noqa: E402
 from cli import run_cli  # noqa: E402
+from conftest import run_in_process_group  # noqa: E402
 
 TIMEOUT_S = 180
 TINY = ["--epochs", "1", "--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0",
         "--device", "cpu"]
 
 
-def environment() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"timed out after {TIMEOUT_S} s: {' '.join(args[:6])} ...\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    assert result.returncode == 0, f"exit {result.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    result = run_in_process_group(args, TIMEOUT_S)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
