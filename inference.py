@@ -488,13 +488,6 @@ def decide_postprocessing(volumes: Sequence[dict], class_names: Sequence[str]) -
     return decision
 
 
-def apply_postprocessing(labels: np.ndarray, decision: dict | None, class_names: Sequence[str]) -> np.ndarray:
-    if not decision:
-        return labels
-    classes = [class_names.index(name) for name in decision.get("largest_component", []) if name in class_names]
-    return keep_largest_component(labels, classes)
-
-
 def pooled_validation_volumes(members: Sequence[Member], name: str) -> tuple[list[dict] | None, list[str]]:
     """The per-volume validation records that every member's run stored in ``name``, pooled (one
     model: its own validation patients; an ensemble of folds: all of theirs, as nnU-Net does), and
