@@ -1,0 +1,311 @@
+"""Adapt a trained model to one patient from the patient's reference scans and their approved
+contours (MR-guided adaptive radiotherapy: the planning scan, week 0), for that patient's later scans.
+
+    # once per parent run: choose steps, learning rate and augmentation on its validation patients
+    python adapt.py --choose-on-validation runs/demo                     # -> runs/demo/adaptation.json
+    # one patient (HipMRI layout; several --reference-weeks: cumulative adaptation)
+    python adapt.py --checkpoint runs/demo --patient 010 --reference-weeks 0 --out runs/demo_p010
+    # any files
+    python adapt.py --checkpoint runs/demo --image plan.nii.gz --label plan_labels.nii.gz --out runs/p_new
+    # the protocol on the test patients: adapt on week 0, score weeks 1 and later, against the parent
+    python adapt.py --evaluate runs/demo
+
+--out becomes a run folder like train.py's (best.pt, config.json, splits.json, postprocessing.json,
+uncertainty.json) that predict.py, ensembles and export.py take like any other, plus adapted.json:
+the parent, the reference scans, the setting, and parent and adapted Dice on the reference scans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from adaptation import (GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
+                        evaluate_cases, file_sha256, fine_tune, grid_of, load_parent, mean_foreground,
+                        patients_with_weeks, per_class_means, run_protocol, settings_for, table_of)
+from checkpoint import save_checkpoint
+from cli import run_cli
+from dataset import Case, DataError, case_id_from_path, find_cases
+from inference import resolve_device
+from metrics import json_ready
+
+EVALUATION_FILE = "adaptation_test.json"  # in the parent run: the protocol on its test patients
+RUN_FILES = ("postprocessing.json", "uncertainty.json", "splits.json")  # the parent's, kept by the adapted run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Fine-tune a trained model on one patient's reference scans "
+                                     "and contours.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--checkpoint", help="the parent: a run folder (its best.pt) or a checkpoint file")
+    task.add_argument("--choose-on-validation", metavar="RUN",
+                      help=f"choose the setting on RUN's validation patients and write RUN/{SETTINGS_FILE}")
+    task.add_argument("--evaluate", metavar="RUN", help="adapt each test patient of RUN on its first week, score its "
+                      f"later weeks against the parent, and write RUN/{EVALUATION_FILE}")
+    parser.add_argument("--data-root", help="HipMRI-layout folder (default: the parent run's)")
+    parser.add_argument("--patient", help="with --checkpoint: the patient id as in splits.json, e.g. 010")
+    parser.add_argument("--reference-weeks", type=int, nargs="+",
+                        help="with --patient: the weeks with approved contours (default: the patient's first)")
+    parser.add_argument("--image", action="append", default=[], help="instead of --patient: a reference image "
+                        "(repeatable, each with its --label)")
+    parser.add_argument("--label", action="append", default=[], help="the contours of the --image in the same place")
+    parser.add_argument("--out", help="with --checkpoint: the adapted run folder")
+    parser.add_argument("--patients", nargs="+", help="with --choose-on-validation: only these validation patients")
+    parser.add_argument("--steps", type=int, help=f"training steps (default: RUN/{SETTINGS_FILE}'s, else 30)")
+    parser.add_argument("--lr", type=float, help=f"Adam learning rate (default: RUN/{SETTINGS_FILE}'s, else 3e-4)")
+    parser.add_argument("--augment", choices=("on", "off"),
+                        help=f"the parent's training augmentation, or crops only (default: RUN/{SETTINGS_FILE}'s, "
+                        "else on)")
+    parser.add_argument("--steps-grid", type=int, nargs="+", default=list(GRID_STEPS),
+                        help="with --choose-on-validation: the step counts scored (0: the parent)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=list(GRID_LR),
+                        help="with --choose-on-validation: the learning rates tried")
+    parser.add_argument("--augment-grid", choices=("on", "off"), nargs="+",
+                        default=["on" if a else "off" for a in GRID_AUGMENT],
+                        help="with --choose-on-validation: augmentation tried on, off or both")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="refused unless it is the parent's: an adapted model keeps its parent's preprocessing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the crops and augmentation")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--no-hd95", action="store_true", help="with --evaluate: skip HD95 (the slow metric)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an adapted run in --out, or the parent "
+                        f"run's {SETTINGS_FILE} / {EVALUATION_FILE}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint and not args.out:
+        parser.error("--checkpoint needs --out (the adapted run folder)")
+    if args.checkpoint and bool(args.patient) == bool(args.image):
+        parser.error("--checkpoint needs either --patient (HipMRI layout) or --image/--label pairs")
+    if len(args.image) != len(args.label):
+        parser.error(f"{len(args.image)} --image but {len(args.label)} --label: give one label per image")
+    return args
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "lr": args.lr, "augment": None if args.augment is None else args.augment == "on"}
+
+
+def check_spacing(parent: Parent, spacing: Sequence[float] | None) -> None:
+    own = parent.member.config["spacing"]
+    if spacing is not None and not np.allclose(spacing, own, rtol=1e-6, atol=1e-9):
+        raise DataError(f"{parent.path}: --spacing {' '.join(f'{s:g}' for s in spacing)} differs from the parent's "
+                        f"{' '.join(f'{s:g}' for s in own)} mm; an adapted model keeps its parent's preprocessing")
+
+
+def parent_cases(parent: Parent, data_root: str | None) -> tuple[list[Case], str]:
+    root = data_root or parent.member.config.get("data_root")
+    if not root:
+        raise DataError(f"{parent.path}: the run records no --data-root; give --data-root")
+    return find_cases(root, require_labels=False), root
+
+
+def normal_patient(patient: str) -> str:
+    return f"{int(patient):03d}" if patient.isdigit() else patient
+
+
+def reference_cases(args: argparse.Namespace, parent: Parent) -> list[Case]:
+    """The reference scans, each with its contours: --patient's weeks, or the --image/--label pairs."""
+    if args.image:
+        return [Case(str(image), str(label), case_id_from_path(image), "given", index)
+                for index, (image, label) in enumerate(zip(args.image, args.label))]
+    cases, root = parent_cases(parent, args.data_root)
+    patient = normal_patient(args.patient)
+    mine = sorted((c for c in cases if c.patient == patient), key=lambda c: c.week)
+    if not mine:
+        known = sorted({c.patient for c in cases})
+        raise DataError(f"{root}: no scan of patient {patient} (patients: {', '.join(known)})")
+    weeks = args.reference_weeks if args.reference_weeks is not None else [mine[0].week]
+    chosen = []
+    for week in weeks:
+        case = next((c for c in mine if c.week == week), None)
+        if case is None:
+            raise DataError(f"{root}: patient {patient} has no week {week} (weeks: "
+                            f"{', '.join(str(c.week) for c in mine)})")
+        if case.label is None:
+            raise DataError(f"{case.image}: patient {patient} week {week} has no contours (no label file); "
+                            "adaptation needs the reference scan's approved contours")
+        chosen.append(case)
+    return chosen
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    if (out / "best.pt").exists() and not overwrite:
+        raise DataError(f"{out}: already holds a run (best.pt); pass --overwrite to replace it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a folder")
+
+
+def adapt_one(args: argparse.Namespace) -> dict:
+    """--checkpoint: fine-tune, check on the reference scans, write the adapted run folder."""
+    parent = load_parent(args.checkpoint)
+    check_spacing(parent, args.spacing)
+    out = Path(args.out)
+    prepare_out(out, args.overwrite)
+    reference = reference_cases(args, parent)
+    settings, source = settings_for(parent.member.run_dir, overrides(args))
+    device = resolve_device(args.device)
+    print(f"Adapting {parent.path} on {len(reference)} reference scan(s) ({', '.join(c.case_id for c in reference)}): "
+          f"{settings['steps']} steps, lr {settings['lr']:g}, augment {settings['augment']} [{source}] on {device}",
+          flush=True)
+    started = time.perf_counter()
+    weights, train_seconds = fine_tune(parent, reference, settings, device, args.seed)
+    before = evaluate_cases(parent.member, reference, device, hd95=False)
+    after = evaluate_cases(adapted_member(parent, weights), reference, device, hd95=False)
+    seconds = time.perf_counter() - started
+    parent_dice, adapted_dice = mean_foreground(before), mean_foreground(after)
+    used = adapted_dice >= parent_dice
+    record = {"parent": str(parent.path), "parent_sha256": file_sha256(parent.path),
+              "reference": [{"case": c.case_id, "patient": c.patient, "week": c.week, "image": str(Path(c.image).resolve()),
+                             "label": str(Path(c.label).resolve())} for c in reference],
+              "settings": settings, "settings_source": source, "seed": args.seed, "device": str(device),
+              "train_seconds": train_seconds, "seconds": seconds,
+              "reference_dice_parent": before, "reference_dice_adapted": after,
+              "reference_mean_fg_dice_parent": parent_dice, "reference_mean_fg_dice_adapted": adapted_dice,
+              "used": used}
+    state = {key: value for key, value in parent.state.items() if key not in ("optimizer", "scaler", "rng")}
+    state["model"] = weights if used else parent.member.weights
+    state["adaptation"] = record
+    out.mkdir(parents=True, exist_ok=True)
+    if not used:
+        # Worse than its parent on its own contours: kept for inspection, never used silently.
+        save_checkpoint({**state, "model": weights}, out / "rejected.pt")
+    save_checkpoint(state, out / "best.pt")
+    for name in RUN_FILES:
+        if (parent.member.run_dir / name).exists():
+            shutil.copyfile(parent.member.run_dir / name, out / name)
+    (out / "config.json").write_text(json.dumps(json_ready(parent.member.config), indent=2) + "\n")
+    (out / "adapted.json").write_text(json.dumps(json_ready(record), indent=2) + "\n")
+    print(f"Reference scans' mean foreground Dice: parent {parent_dice:.4f}, adapted {adapted_dice:.4f} "
+          f"({train_seconds:.1f} s of fine-tuning, {seconds:.1f} s in all)", flush=True)
+    if used:
+        print(f"Adapted model: {out / 'best.pt'}")
+    else:
+        print(f"warning: the adapted model scores below its parent on its own reference scans, so {out / 'best.pt'} "
+              f"holds the parent's weights; the adapted ones are in {out / 'rejected.pt'} (try a lower --lr or fewer "
+              "--steps)", file=sys.stderr, flush=True)
+    return record
+
+
+def validation_patients(parent: Parent, cases: Sequence[Case], chosen: Sequence[str] | None) -> dict[str, list[Case]]:
+    split = parent.member.split or {}
+    validation = list(split.get("val") or [])
+    if not validation:
+        raise DataError(f"{parent.path}: the run has no validation patients to choose the adaptation on")
+    if chosen:
+        chosen = [normal_patient(p) for p in chosen]
+        for patient in chosen:
+            if patient in (split.get("test") or []):
+                raise DataError(f"{parent.path}: patient {patient} is a test patient; the adaptation is chosen on "
+                                f"validation patients only ({', '.join(validation)})")
+            if patient not in validation:
+                raise DataError(f"{parent.path}: patient {patient} is not a validation patient of this run "
+                                f"({', '.join(validation)})")
+        validation = chosen
+    patients = patients_with_weeks(cases, validation)
+    if not patients:
+        raise DataError(f"{parent.path}: no validation patient has two or more labelled weeks")
+    return patients
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise DataError(f"{path}: already exists; pass --overwrite to replace it")
+
+
+def choose(args: argparse.Namespace) -> dict:
+    """--choose-on-validation: the grid on the validation patients; the best setting to adaptation.json."""
+    parent = load_parent(args.choose_on_validation)
+    check_spacing(parent, args.spacing)
+    target = parent.member.run_dir / SETTINGS_FILE
+    refuse_existing(target, args.overwrite)
+    cases, _ = parent_cases(parent, args.data_root)
+    patients = validation_patients(parent, cases, args.patients)
+    grid = grid_of(args.lr_grid, [a == "on" for a in args.augment_grid])
+    milestones = sorted(set(args.steps_grid) | {0})
+    device = resolve_device(args.device)
+    print(f"Choosing the adaptation on {len(patients)} validation patient(s) ({', '.join(patients)}): "
+          f"{len(grid)} (lr, augment) x steps {milestones}", flush=True)
+    outcome = run_protocol(parent, patients, grid, milestones, device, args.seed)
+    num_classes = len(parent.class_names)
+    table = table_of(outcome["records"], num_classes)
+    chosen = choose_from(table)
+    result = {"chosen": chosen, "criterion": "mean foreground Dice of the later weeks, adapted on the first week",
+              "parent": str(parent.path), "patients": list(patients), "seed": args.seed, "device": str(device),
+              "class_names": parent.class_names, "table": table, "train_seconds": outcome["seconds"],
+              "records": outcome["records"]}
+    for row in table:
+        print(f"  steps {row['steps']:4d}  lr {row['lr'] or 0:8.1e}  augment {str(row['augment']):5s}  "
+              f"mean foreground Dice {row['mean_fg_dice']:.4f}  ({row['weeks']} weeks)")
+    print(f"Chosen: {chosen['steps']} steps, lr {chosen['lr']:g}, augment {chosen['augment']} -> {target}")
+    target.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    return result
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """--evaluate: the protocol on the test patients with the run's setting, parent against adapted."""
+    parent = load_parent(args.evaluate)
+    check_spacing(parent, args.spacing)
+    target = parent.member.run_dir / EVALUATION_FILE
+    refuse_existing(target, args.overwrite)
+    cases, _ = parent_cases(parent, args.data_root)
+    test = list((parent.member.split or {}).get("test") or [])
+    patients = patients_with_weeks(cases, test)
+    if not patients:
+        raise DataError(f"{parent.path}: no test patient has two or more labelled weeks")
+    settings, source = settings_for(parent.member.run_dir, overrides(args))
+    device = resolve_device(args.device)
+    print(f"Adapting each of {len(patients)} test patient(s) on its first week: {settings['steps']} steps, lr "
+          f"{settings['lr']:g}, augment {settings['augment']} [{source}] on {device}", flush=True)
+    grid = [{"lr": settings["lr"], "augment": settings["augment"]}]
+    outcome = run_protocol(parent, patients, grid, sorted({0, settings["steps"]}), device, args.seed,
+                           hd95=not args.no_hd95)
+    records, class_names = outcome["records"], parent.class_names
+    before = [r for r in records if r["steps"] == 0]
+    after = [r for r in records if r["steps"] == settings["steps"]]
+    result = {"settings": settings, "settings_source": source, "parent": str(parent.path), "patients": list(patients),
+              "device": str(device), "class_names": class_names, "weeks_scored": len(before),
+              "seconds_per_adaptation": outcome["seconds"], "records": records}
+    for name, chosen in (("parent", before), ("adapted", after)):
+        result[name] = {"dice": dict(zip(class_names, per_class_means(chosen, "dice", len(class_names)))),
+                        "mean_fg_dice": mean_foreground(chosen)}
+        if not args.no_hd95:
+            result[name]["hd95"] = dict(zip(class_names, per_class_means(chosen, "hd95", len(class_names))))
+    print(f"Test patients' later weeks ({len(before)} scans of {len(patients)} patients), per class:")
+    print(f"  {'class':<10} {'Dice parent':>12} {'adapted':>8} {'change':>8}" +
+          ("" if args.no_hd95 else f" {'HD95 parent':>12} {'adapted':>8}"))
+    for name in class_names[1:]:
+        line = (f"  {name:<10} {result['parent']['dice'][name]:12.4f} {result['adapted']['dice'][name]:8.4f} "
+                f"{result['adapted']['dice'][name] - result['parent']['dice'][name]:+8.4f}")
+        if not args.no_hd95:
+            line += f" {result['parent']['hd95'][name]:12.2f} {result['adapted']['hd95'][name]:8.2f}"
+        print(line)
+    seconds = outcome["seconds"]
+    print(f"  mean foreground Dice {result['parent']['mean_fg_dice']:.4f} -> {result['adapted']['mean_fg_dice']:.4f}; "
+          f"fine-tuning {np.mean(seconds):.1f} s per patient (max {np.max(seconds):.1f} s) on {device}")
+    target.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    print(f"Written: {target}")
+    return result
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.choose_on_validation:
+        return choose(args)
+    if args.evaluate:
+        return evaluate(args)
+    return adapt_one(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args()))
