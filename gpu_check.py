@@ -1,9 +1,9 @@
 """One command that proves the GPU path: run it the moment a CUDA GPU is at hand.
 
-    python gpu_check.py                   # on a CUDA machine: at most 8 minutes, one JSON file
+    python gpu_check.py                   # on a CUDA machine: at most 8.5 minutes, one JSON file
     python gpu_check.py --dry-run         # every step on the CPU at tiny sizes (the tests run this)
 
-Six steps, in this order; a failing step is recorded with its error and the next one runs:
+Seven steps, in this order; a failing step is recorded with its error and the next one runs:
 
   1 environment       card, memory, compute capability, driver, torch, CUDA, cuDNN, NCCL, native bf16
   2 fast_path         one training step of the fast path (bf16 or fp16 autocast, channels_last_3d,
@@ -14,9 +14,12 @@ Six steps, in this order; a failing step is recorded with its error and the next
                       inference per volume, loader against the on-device step
   4 time_to_accuracy  train.py on the default phantom at its default settings: seconds until every
                       class reaches validation Dice 0.9, compile time, then predict.py's test Dice
-  5 distributed       torchrun train.py for 2 epochs on every GPU (NCCL), the collectives alone,
+  5 adaptation        adapt.py on a test patient of step 4's model, its first week as the reference
+                      scan, at adapt.py's default setting: seconds (fine-tuning and the check on the
+                      reference scan), and the reference scan's Dice before and after
+  6 distributed       torchrun train.py for 2 epochs on every GPU (NCCL), the collectives alone,
                       single-process predict.py and train.py --resume from its checkpoint
-  6 out_of_memory     a training run with a --patch-size no GPU can hold ends in train.py's
+  7 out_of_memory     a training run with a --patch-size no GPU can hold ends in train.py's
                       one-line message naming the memory flags, not a traceback
 
 Each step gets a share of --minutes (a step's unused time passes on to the later ones); a step
@@ -68,20 +71,21 @@ from phantom import make_case
 REPO = Path(__file__).resolve().parent
 GIB = 2**30
 NUM_CLASSES = 6
-STEPS = ("environment", "fast_path", "benchmark", "time_to_accuracy", "distributed", "out_of_memory")
+STEPS = ("environment", "fast_path", "benchmark", "time_to_accuracy", "adaptation", "distributed", "out_of_memory")
 TITLES = {
     "environment": "environment",
     "fast_path": "fast path vs float32",
     "benchmark": "bench.py",
     "time_to_accuracy": "time to accuracy",
+    "adaptation": "adapt.py on one patient",
     "distributed": "torchrun, predict, resume",
     "out_of_memory": "out of memory",
 }
-# Seconds of the default 8 minutes each step may use, scaled with --minutes. The first GPU spell
+# Seconds of the default 8.5 minutes each step may use, scaled with --minutes. The first GPU spell
 # will tell how close these guesses are; time a step leaves unused passes on to the later ones.
-STEP_SECONDS = {"environment": 0, "fast_path": 60, "benchmark": 110, "time_to_accuracy": 170,
+STEP_SECONDS = {"environment": 0, "fast_path": 60, "benchmark": 110, "time_to_accuracy": 170, "adaptation": 30,
                 "distributed": 85, "out_of_memory": 55}
-DEFAULT_MINUTES = 8.0
+DEFAULT_MINUTES = 8.5
 MIN_STEP_SECONDS = 10  # less than this left: the step is not started
 STOP_GRACE_S = 15  # a stopped train.py finishes its current step and saves; then it is killed
 
@@ -95,6 +99,7 @@ TARGETS = {
     "dice": 0.9,
     "seconds_to_dice": 180.0,
     "compile_s": 40.0,
+    "adaptation_s": 60.0,
 }
 # Relative L2 error of one training step against exact float32 (TF32 off): a bf16 rounding is
 # 2**-9 relative, and the errors of ~20 layers add up; the loss reduces whole volumes and the
@@ -862,7 +867,38 @@ def check_time_to_accuracy(run: argparse.Namespace, step: StepReport) -> None:
             step.figures["test_dice"] = test_dice
 
 
-# ----------------------------------------------------------------------------- step 5: distributed
+# ----------------------------------------------------------------------------- step 5: adaptation
+
+def check_adaptation(run: argparse.Namespace, step: StepReport) -> None:
+    """adapt.py on the first test patient of step 4's run, at its default setting."""
+    parent = run.work / "accuracy"
+    if not (parent / "best.pt").is_file():
+        step.error = "no best.pt from the time-to-accuracy step to adapt"
+        return
+    patient = json.loads((parent / "splits.json").read_text())["test"][0]
+    out = run.work / "adapted"
+    flags = ["--checkpoint", parent, "--patient", patient, "--out", out]
+    if not run.cuda:
+        flags += ["--device", "cpu"]
+    log = run.work / "logs" / "adapt.log"
+    finished = run_command(python_script("adapt.py", *flags), log, max(run.budget.seconds_for("adaptation"),
+                                                                        MIN_STEP_SECONDS))
+    record_command(step, finished, log)
+    record_path = out / "adapted.json"
+    step.require("adapt.py exit 0 and adapted.json written", finished.returncode == 0 and record_path.is_file(),
+                 finished.returncode)
+    if finished.returncode != 0 or not record_path.is_file():
+        step.error = failure_text(finished)
+        return
+    record = json.loads(record_path.read_text())
+    step.figures.update(patient=patient, settings=record["settings"], train_seconds=record["train_seconds"],
+                        seconds=record["seconds"], reference_dice_parent=record["reference_mean_fg_dice_parent"],
+                        reference_dice_adapted=record["reference_mean_fg_dice_adapted"], used=record["used"])
+    step.target("one adaptation: fine-tuning and the check on the reference scan", record["seconds"],
+                TARGETS["adaptation_s"], judged=run.cuda, unit=" s")
+
+
+# ----------------------------------------------------------------------------- step 6: distributed
 
 def check_collectives(backend: str, device_type: str, store: str) -> dict:
     """Runs in a child process: all_reduce, all_gather_object and barrier with one process, which is
@@ -944,7 +980,7 @@ def check_distributed(run: argparse.Namespace, step: StepReport) -> None:
         step.notes.append("resume: " + failure_text(finished))
 
 
-# ----------------------------------------------------------------------------- step 6: out of memory
+# ----------------------------------------------------------------------------- step 7: out of memory
 
 def impossible_size(gpu_bytes: int) -> list[int]:
     """A (2a, 2a, a) volume, a a multiple of 16, needing about twice ``gpu_bytes`` to train at the
@@ -1039,6 +1075,7 @@ STEP_FUNCTIONS = {
     "fast_path": check_fast_path,
     "benchmark": run_benchmark,
     "time_to_accuracy": check_time_to_accuracy,
+    "adaptation": check_adaptation,
     "distributed": check_distributed,
     "out_of_memory": check_out_of_memory,
 }

@@ -59,7 +59,7 @@ def test_dry_run_runs_every_step(dry_run):
         for command in step["commands"]:
             assert command["returncode"] == 0 and command["stopped"] is None, (name, command)
     # Every step that runs something checked what it ran.
-    for name in ("fast_path", "benchmark", "time_to_accuracy", "distributed"):
+    for name in ("fast_path", "benchmark", "time_to_accuracy", "adaptation", "distributed"):
         assert [c for c in report["steps"][name]["checks"] if c["target"] == "required"], name
 
 
@@ -74,6 +74,7 @@ def test_dry_run_figures_are_finite_numbers(dry_run):
         "benchmark": ["ours_eager_fp32: train_step_ms", "ours_eager_fp32: inference_s_per_volume",
                       "attention_unet: train_step_ms", "dynunet: train_step_ms", "loader: loader_step_ratio"],
         "time_to_accuracy": ["epochs_completed", "first_epoch_s", "later_epoch_median_s"],
+        "adaptation": ["train_seconds", "seconds", "reference_dice_parent", "reference_dice_adapted"],
         "environment": ["cpu_cores"],
     }
     for name, keys in expected.items():
@@ -90,7 +91,7 @@ def test_dry_run_figures_are_finite_numbers(dry_run):
 def test_dry_run_reports_targets_without_judging_them(dry_run):
     _, report = dry_run
     targets = [c for step in report["steps"].values() for c in step["checks"] if c["target"] != "required"]
-    assert len(targets) >= 7  # five from bench.py, two from time to accuracy
+    assert len(targets) >= 8  # five from bench.py, two from time to accuracy, one from adaptation
     assert all(c["passed"] is None and c["note"] == "not judged on CPU" for c in targets), targets
     assert report["targets"]["train_step_ms"] == 60.0 and report["targets"]["compile_s"] == 40.0
 
