@@ -124,6 +124,48 @@ def save_dice_boxplot(dice: np.ndarray, class_names: Sequence[str], path: Path) 
     plt.close(fig)
 
 
+# Litres and hundreds of ml: on one axis with them the bladder, rectum and prostate (tens of ml)
+# would be flat lines, so these get a panel of their own scale.
+LARGE_CLASSES = ("body", "bone")
+FLAG_COLOUR = "#b2182b"  # the report's review colour
+
+
+def save_volume_timeline(weeks: Sequence[int], volumes: dict[str, Sequence[float]], class_names: Sequence[str],
+                         path: Path, title: str = "", flagged: dict[str, Sequence[bool]] | None = None) -> None:
+    """One patient's predicted organ volumes (ml) over the weeks, one line per organ in its class
+    colour: the organs on the left, body and bone (``LARGE_CLASSES``) on a right panel of their own
+    scale. ``volumes`` and ``flagged``: {organ: one value per week}; flagged weeks get a ring in
+    the report's review colour."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colours = dict(zip(class_names, class_colours(len(class_names))))
+    groups = [[o for o in volumes if o not in LARGE_CLASSES], [o for o in volumes if o in LARGE_CLASSES]]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 + 2.6 * (len(groups) - 1), 2.9), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6, 1][:len(groups)]})
+    for ax, organs in zip(axes[0], groups):
+        for organ in organs:
+            ax.plot(weeks, volumes[organ], marker="o", markersize=4, color=colours[organ], label=organ)
+            rings = [(w, v) for w, v, f in zip(weeks, volumes[organ], (flagged or {}).get(organ, ())) if f]
+            if rings:
+                ax.scatter(*zip(*rings), s=90, facecolors="none", edgecolors=FLAG_COLOUR, linewidths=1.5, zorder=3)
+        ax.set_xticks(list(weeks))
+        ax.set_xlabel("week", fontsize=8)
+        ax.set_ylabel("predicted volume (ml)", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if flagged and any(any(f) for f in flagged.values()):
+        axes[0, 0].scatter([], [], s=60, facecolors="none", edgecolors=FLAG_COLOUR, label="flagged")
+        axes[0, 0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Path) -> None:
     """Loss (train, validation) and per-class Dice (train dashed, validation solid) per epoch."""
     with open(metrics_csv) as handle:
