@@ -6,7 +6,8 @@ base64 data URIs, so report.html alone (mailed, or copied out of the output fold
 every figure; a click on a figure enlarges it (a CSS-only toggle). The NIfTI and DICOM outputs
 are relative links, which work while the page sits in its output folder. Cases are listed worst
 first (lowest mean foreground Dice with labels, highest organ uncertainty without), each with its
-figures, per-organ numbers, review flag and the paths of its outputs.
+figures, per-organ numbers, review flag and the paths of its outputs. Where the cases belong to
+patients scanned over several weeks, each patient follows with its organ volumes week by week.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ label.zoom input:checked + img.thumb { position: fixed; inset: 0; margin: auto; 
 .note { color: #555; font-size: 12px; }
 .warning { background: #fddbc7; border-left: 4px solid #b2182b; padding: 4px 8px; }
 table.skipped td { text-align: left; }
+h3 { font-size: 14px; margin: 14px 0 4px; }
+.over-weeks { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+table.weeks td:nth-child(2), table.weeks th:nth-child(2) { text-align: left; }
+table.weeks td span.change { display: block; font-size: 11px; color: #555; }
+table.weeks td.flagged span.change { color: #222; }
 @media (max-width: 1000px) {
   table.cases > tbody > tr.case > td { display: block; width: auto; border-top: none; }
   table.cases > tbody > tr.case > td.info { border-top: 2px solid #bbb; }
@@ -81,7 +87,8 @@ table.skipped td { text-align: left; }
 
 def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | None, class_names: Sequence[str],
                  title: str = "Prediction report", run_figures: Sequence[str | Path] = (),
-                 skipped: Sequence[dict] = (), warnings: Sequence[str] = ()) -> Path:
+                 skipped: Sequence[dict] = (), warnings: Sequence[str] = (),
+                 longitudinal: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
     ``cases``: one dict per predicted case::
@@ -111,7 +118,9 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
     whole run, e.g. the Dice box plot. Figures are embedded (the page grows by about 4/3 of their
     bytes); output files are linked. ``skipped``: the DICOM series not predicted, as
     ``{"folder", "series", "reason"}``; ``warnings``: lines the reader must see first (a series
-    of a modality the model was not trained on).
+    of a modality the model was not trained on). ``longitudinal``: longitudinal.write_longitudinal's
+    dict (``rows`` of longitudinal.csv, ``volume_change``, ``figures`` {patient: PNG}); each
+    patient gets a section with its figure and a table of its weeks.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,12 +137,15 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
              f"<h1>{_text(title)}</h1>"]
     parts += [f'<p class="warning"><strong>Warning:</strong> {_text(line)}</p>' for line in warnings]
     parts += _overview(out_dir, ordered, summary, has_labels, anchors)
+    parts += _patients_line(longitudinal)
     parts += _class_table(ordered, summary, foreground, colours, has_labels)
     if run_figures:
         parts += ["<h2>Run figures</h2>", '<div class="thumbs">']
         parts += [_thumbnail(out_dir, figure, "") for figure in run_figures]
         parts += ["</div>"]
     parts += _case_table(out_dir, ordered, foreground, colours, has_labels, anchors)
+    parts += _patient_sections(out_dir, longitudinal, foreground, colours,
+                               {case["case_id"]: anchors[id(case)] for case in ordered})
     parts += _skipped_table(skipped)
     parts += ["</body>", "</html>"]
     path = out_dir / REPORT_NAME
@@ -263,6 +275,76 @@ def _case_table(out_dir, cases, foreground, colours, has_labels, anchors) -> lis
                   '<td class="organs">' + "".join(organ_rows) + "</td>",
                   '<td class="figures"><div class="thumbs">' + "".join(thumbs) + "</div></td>", "</tr>"]
     return lines + ["</tbody>", "</table>"]
+
+
+def _patients_line(longitudinal) -> list[str]:
+    rows = (longitudinal or {}).get("rows") or []
+    if not rows:
+        return []
+    patients = {str(r["patient"]) for r in rows}
+    flagged = {str(r["patient"]) for r in rows if r["flagged"]}
+    return [f'<p><a href="#patients">{len(patients)} patient(s) over the weeks</a>: <strong>{len(flagged)}</strong> '
+            f'with an organ volume more than {_percent(longitudinal["volume_change"])} off its first week\'s.</p>']
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:g} %"
+
+
+def _patient_sections(out_dir, longitudinal, foreground, colours, case_anchors) -> list[str]:
+    """Per patient: its volume figure and a table of its weeks, each organ's predicted volume and
+    its change against the first week, the cells above the threshold highlighted."""
+    rows = (longitudinal or {}).get("rows") or []
+    if not rows:
+        return []
+    threshold = longitudinal["volume_change"]
+    patients: dict[str, list[dict]] = {}
+    for row in rows:
+        patients.setdefault(str(row["patient"]), []).append(row)
+    flagged = [p for p, mine in patients.items() if any(r["flagged"] for r in mine)]
+    lines = [f'<h2 id="patients">Patients over the weeks ({len(patients)})</h2>',
+             f'<p class="note">Predicted volumes in ml and, under each, the change against the patient\'s first '
+             f'week as a share of that week\'s volume; highlighted: a change of more than '
+             f'<span data-threshold="{threshold:g}">{_percent(threshold)}</span> (--volume-change {threshold:g}). '
+             f'{len(flagged)} of {len(patients)} patient(s) have a highlighted week. Values as longitudinal.csv '
+             f'writes them in the tooltips.</p>']
+    for number, (patient, mine) in enumerate(patients.items(), start=1):
+        organs = [name for name in foreground if any(r["organ"] == name for r in mine)]
+        table = ['<table class="weeks classes"><thead><tr><th>week</th><th>case</th>'
+                 + "".join(f"<th>{_swatch(colours[name])}{_text(name)} ml</th>" for name in organs)
+                 + "</tr></thead><tbody>"]
+        weeks = list(dict.fromkeys((r["week"], r["case"]) for r in mine))
+        for index, (week, case_id) in enumerate(weeks):
+            cells = {r["organ"]: r for r in mine if r["week"] == week and r["case"] == case_id}
+            anchor = case_anchors.get(case_id)
+            case_text = f'<a href="#{anchor}">{_text(case_id)}</a>' if anchor else _text(case_id)
+            week_flagged = any(r["flagged"] for r in cells.values())
+            row = [f'<td data-week="{_text(week)}">{_text(week)}{" (first)" if index == 0 else ""}</td>',
+                   f'<td class="mono">{case_text}</td>']
+            row += [_week_cell(cells[name]) for name in organs]
+            table.append(f'<tr data-case="{_text(case_id)}" data-flagged="{int(week_flagged)}">' + "".join(row)
+                         + "</tr>")
+        table.append("</tbody></table>")
+        figure = (longitudinal.get("figures") or {}).get(patient)
+        body = '<div class="over-weeks">' + (_thumbnail(out_dir, figure, "") if figure else "") + "".join(table) \
+            + "</div>"
+        lines += [f'<section class="patient" id="patient-{number}" data-patient="{_text(patient)}">',
+                  f"<h3>Patient {_text(patient)}: {len(weeks)} week(s)"
+                  + (' <span class="flag">volume change</span>' if patient in flagged else "") + "</h3>",
+                  body, "</section>"]
+    return lines
+
+
+def _week_cell(row: dict) -> str:
+    """One organ in one week: its volume, and under it the change against the first week (``new``
+    where the first week has none of it)."""
+    volume, change, fraction = row["volume_ml"], row["change_ml"], row["change_fraction"]
+    change_text = "new" if math.isinf(fraction) else f"{fraction:+.1%}".replace("%", " %")
+    title = f"change {_exact(change)} ml, {_exact(fraction) or 'inf'} of the first week"
+    css = ' class="flagged"' if row["flagged"] else ""
+    return (f'<td data-organ="{_text(row["organ"])}"{css}>'
+            f'<span data-metric="volume_ml" title="{_exact(volume)}">{_rounded(volume, "pred_volume_ml")}</span>'
+            f'<span class="change" data-metric="change_fraction" title="{_text(title)}">{change_text}</span></td>')
 
 
 def _skipped_table(skipped: Sequence[dict]) -> list[str]:
