@@ -29,6 +29,8 @@ from dicom_pixels import series_to_nifti
 from dicom_series import SkippedSeries, check_output_requirements, is_dicom_folder, scan_series, select_series
 from inference import (PREDICTION_OVERLAP, load_members, load_source, pooled_validation_volumes, resolve_device,
                        write_prediction)
+from longitudinal import (LONGITUDINAL_CSV, VOLUME_CHANGE, patient_weeks, summary_line, volume_change_fraction,
+                          write_longitudinal)
 from metrics import json_ready, nan_mean, print_table, summarise, write_rows
 from progress import progress
 from report import write_report
@@ -78,6 +80,20 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--roi-names", nargs="+", default=[], metavar="CLASS=NAME",
                         help="RTSTRUCT ROI and SEG segment names instead of the TG-263 ones (body=External, "
                         "bone=Bone, bladder=Bladder, rectum=Rectum, prostate=Prostate), e.g. bone=Bone_Pelvic")
+    parser.add_argument("--patient-of", metavar="REGEX",
+                        help="group the cases by patient for longitudinal.csv and the report: a regular expression "
+                        "searched in each case id (the image name without .nii(.gz) and _LFOV) with a named group "
+                        "(?P<patient>...) and optionally (?P<week>...), a whole number, e.g. "
+                        "'(?P<patient>P\\d+)_scan(?P<week>\\d+)'; without a week group a patient's cases are "
+                        "numbered 0, 1, ... in case-id order (numbers in the ids compared as numbers). A case it "
+                        "does not match stops the run before anything is written. Default: HipMRI names "
+                        "(Case_004_Week0, K004_Week0); other names are then left out of longitudinal.csv")
+    parser.add_argument("--volume-change", type=volume_change_fraction, default=VOLUME_CHANGE, metavar="FRACTION",
+                        help="flag, in longitudinal.csv and the report, a week whose predicted organ volume differs "
+                        "from the patient's first (lowest) week's by more than this fraction of it (0.3: 30 %%). A "
+                        "fraction of the first week: on HipMRI that is Week0, the scan before treatment that later "
+                        "weeks are compared with, and the organs differ in size by a factor of hundreds (prostate "
+                        "tens of ml, body litres), so one fraction fits them all where a change in ml would not")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures (the report then has none)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slow metric)")
@@ -189,7 +205,7 @@ def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: S
         return
     planned = ([out / f"{c.case_id}_{kind}.nii.gz" for c in cases for kind in ("pred", "uncertainty")]
                + [out / f"{c.case_id}_{kind}.dcm" for c in cases for kind in ("rtstruct", "seg")]
-               + [out / name for name in ("metrics.csv", "summary.json", "report.html")])
+               + [out / name for name in ("metrics.csv", "summary.json", "report.html", LONGITUDINAL_CSV)])
     existing = [p for p in planned if p.exists()]
     if existing:
         raise DataError(f"{existing[0]}: already exists ({len(existing)} output files would be replaced); "
@@ -446,6 +462,7 @@ def main(args: argparse.Namespace) -> dict:
                             "series, and this input is not a DICOM folder")
         cases = select_cases(args, evaluation_split(members, args.split), first_checkpoint)
     check_output_folder(out, [args.data_root, args.input], cases, args.overwrite)
+    weeks = patient_weeks(cases, args.patient_of)  # a --patient-of that misses a case stops here, before any write
     ranks.barrier()  # every rank has looked at --out before rank 0 writes into it
     undecodable = ranks.from_main(lambda: convert_series(cases, series_by_case)) if series_by_case else []
     if undecodable:
@@ -520,6 +537,8 @@ def main(args: argparse.Namespace) -> dict:
         summary["warnings"] = warnings
         summary["left_out_of_rtstruct"] = {r["report"]["case_id"]: r["report"]["rtstruct_absent"] for r in results
                                            if r["report"].get("rtstruct_absent")}
+    longitudinal = write_longitudinal(out, results, class_names, weeks, args.volume_change, not args.no_figures)
+    summary["longitudinal"] = longitudinal["summary"]
     (out / "summary.json").write_text(json.dumps(json_ready(summary), indent=2) + "\n")
     run_figures = []
     if labelled and not args.no_figures:
@@ -528,12 +547,14 @@ def main(args: argparse.Namespace) -> dict:
         run_figures = ["figures/dice_boxplot.png"]
     write_report(out, [r["report"] for r in results], summary if labelled else None, class_names,
                  title=f"Prediction report: {len(results)} volume(s), {len(members)} model(s)", run_figures=run_figures,
-                 skipped=[s.as_dict() for s in skipped], warnings=warnings)
+                 skipped=[s.as_dict() for s in skipped], warnings=warnings, longitudinal=longitudinal)
     if labelled:
         print_table(summary, class_names)
     flagged_cases = sorted({f["case"] for f in summary["flagged"]})
     print(f"Flagged for review: {len(flagged_cases)} of {len(results)} case(s)"
           + (f" ({', '.join(flagged_cases)})" if flagged_cases else ""))
+    if summary_line(longitudinal["summary"]):
+        print(summary_line(longitudinal["summary"]))
     print(f"Outputs in {out} (open {out / 'report.html'})")
     ranks.close()
     return summary
