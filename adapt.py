@@ -275,7 +275,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     before = [r for r in records if r["steps"] == 0]
     after = [r for r in records if r["steps"] == settings["steps"]]
     result = {"settings": settings, "settings_source": source, "parent": str(parent.path), "patients": list(patients),
-              "device": str(device), "class_names": class_names, "weeks_scored": len(before),
+              "seed": args.seed, "device": str(device), "class_names": class_names, "weeks_scored": len(before),
               "seconds_per_adaptation": outcome["seconds"], "records": records}
     for name, chosen in (("parent", before), ("adapted", after)):
         result[name] = {"dice": dict(zip(class_names, per_class_means(chosen, "dice", len(class_names)))),

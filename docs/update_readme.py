@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("train", "predict", "phantom", "bench", "gpu_check", "export")
+SCRIPTS = ("train", "predict", "phantom", "bench", "gpu_check", "adapt", "export")
 
 
 def help_text(script: str) -> str:

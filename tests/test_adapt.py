@@ -185,3 +185,14 @@ def test_choose_on_validation_then_adapt_uses_it_and_evaluate_compares_with_the_
     bladder = result["class_names"].index("bladder")
     assert result["parent"]["dice"]["bladder"] == pytest.approx(np.mean([r["dice"][bladder] for r in parent_records]))
     assert "HD95 parent" in out and "bladder" in out
+
+    # again without HD95, another seed: refused over the first file unless --overwrite
+    code, _, err = run_adapt(["--evaluate", run_dir, "--steps", "1", "--no-hd95", "--device", "cpu"], capsys)
+    assert "already exists" in one_line_error(code, err)
+    code, out, err = run_adapt(["--evaluate", run_dir, "--steps", "1", "--lr", "1e-3", "--no-hd95", "--seed", "1",
+                                "--overwrite", "--device", "cpu"], capsys)
+    assert code == 0, err
+    again = json.loads((run_dir / adapt.EVALUATION_FILE).read_text())
+    assert "hd95" not in again["parent"] and again["settings"]["steps"] == 1 and "HD95" not in out
+    assert again["seed"] == 1
+    assert all(r["hd95"] is None for r in again["records"])
