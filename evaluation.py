@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from dataset import voxel_spacing, voxel_volume_ml
 from inference import keep_largest_component, labels_from_probabilities, to_source_grid, volume_figures
 from metrics import dice_per_class, hd95_per_class, misses_per_class
-from uncertainty import normalised_entropy, organ_uncertainty
+from uncertainty import expected_dice_deficit, normalised_entropy
 
 
 def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor, source: nib.Nifti1Image,
@@ -40,20 +40,26 @@ def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor,
     the labels are the arg-max of (before post-processing).
 
     Returns labels ``(X, Y, Z)`` uint8 and entropy ``(X, Y, Z)`` on the source grid, and per class
-    (lists of length C): ``uncertainty``, ``pred_volume_ml``, and with a target ``dice``, ``hd95``,
+    (lists of length C): ``uncertainty`` (``uncertainty.expected_dice_deficit`` of the delivered
+    labels: the score the review flags threshold), ``pred_volume_ml``, and with a target ``dice``, ``hd95``,
     ``misses``, ``gt_volume_ml`` (None without one).
     """
     num_classes = len(class_names)
     source_probabilities = to_source_grid(probabilities, preprocessed_image)
     raw = labels_from_probabilities(source_probabilities)
     entropy = normalised_entropy(source_probabilities).numpy()
-    kept_probabilities = source_probabilities if keep_probabilities else None
-    del source_probabilities  # a full-resolution copy per class: freed early unless asked for
     kept = [class_names.index(name) for name in largest_component if name in class_names]
     labels = keep_largest_component(raw, kept) if kept else raw
     spacing, voxel_ml = voxel_spacing(source.affine), voxel_volume_ml(source.affine)
-    result = {"labels": labels, "entropy": entropy,
-              "uncertainty": organ_uncertainty(entropy, labels, num_classes).tolist(),
+    # the organ scores the review flags threshold: from the probabilities, against the delivered labels
+    scores = expected_dice_deficit(source_probabilities, labels, raw_labels=raw)
+    if alternatives:
+        if kept:
+            raise ValueError("evaluate_volume: alternatives are measured against the labels before post-processing")
+        figures = volume_figures(raw, target, num_classes, spacing, probabilities=source_probabilities, hd95=hd95)
+    kept_probabilities = source_probabilities if keep_probabilities else None
+    del source_probabilities  # a full-resolution copy per class: freed early unless asked for
+    result = {"labels": labels, "entropy": entropy, "uncertainty": scores.tolist(),
               "pred_volume_ml": (np.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes]
                                  * voxel_ml).tolist(),
               "dice": None, "hd95": None, "misses": None, "gt_volume_ml": None}
@@ -70,9 +76,6 @@ def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor,
         result["gt_volume_ml"] = (np.bincount(target.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
                                   * voxel_ml).tolist()
     if alternatives:
-        if kept:
-            raise ValueError("evaluate_volume: alternatives are measured against the labels before post-processing")
-        figures = volume_figures(raw, target, num_classes, spacing, entropy=entropy, hd95=hd95)
         result.update({key: figures[key] for key in ("dice_lcc", "hd95_lcc", "uncertainty_lcc")})
     return result
 

@@ -27,7 +27,7 @@ from checkpoint import CheckpointError, load_checkpoint
 from dataset import drop_trailing_singletons
 from metrics import dice_per_class, hd95_per_class, nan_mean
 from modules import ImprovedUNet3D
-from uncertainty import organ_uncertainty
+from uncertainty import expected_dice_deficit
 
 # Sliding-window overlap of prediction, and so of training's final validation, which fits the
 # post-processing and the review rule on what predict.py computes. Per-epoch model selection may
@@ -432,9 +432,11 @@ def largest_component_mask(mask: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def volume_figures(prediction: np.ndarray, target: np.ndarray | None, num_classes: int, spacing,
-                   entropy: np.ndarray | None = None, hd95: bool = True) -> dict:
+                   probabilities: torch.Tensor | None = None, hd95: bool = True) -> dict:
     """Per-class figures of one validation volume without and with each organ's largest-component
-    step: Dice and HD95 (with ``target``) and the organ's uncertainty score (with ``entropy``),
+    step: Dice and HD95 (with ``target``) and the organ's review score (with ``probabilities``
+    ``(C, X, Y, Z)``, the ones ``prediction`` is the arg-max of: ``expected_dice_deficit``, with
+    the removed islands' probability taken from the organ as evaluate_volume does),
     ``dice``/``dice_lcc``, ``hd95``/``hd95_lcc``, ``uncertainty``/``uncertainty_lcc``; the
     per-volume figures a post-processing decision is made from. Foreground only: background
     entries are NaN. An organ in one piece has the same figures both ways, without recomputing."""
@@ -443,8 +445,8 @@ def volume_figures(prediction: np.ndarray, target: np.ndarray | None, num_classe
     if target is not None:
         figures["dice"] = [float("nan")] + dice_per_class(prediction, target, num_classes).tolist()[1:]
         figures["hd95"] = (hd95_per_class(prediction, target, num_classes, spacing).tolist() if hd95 else list(nan))
-    if entropy is not None:
-        figures["uncertainty"] = organ_uncertainty(entropy, prediction, num_classes).tolist()
+    if probabilities is not None:
+        figures["uncertainty"] = expected_dice_deficit(probabilities, prediction).tolist()
     for c in range(1, num_classes):
         mask = prediction == c
         largest, changed = largest_component_mask(mask)
@@ -458,8 +460,9 @@ def volume_figures(prediction: np.ndarray, target: np.ndarray | None, num_classe
             figures["dice_lcc"][c] = float(dice_per_class(largest, actual, 2)[1])
             if hd95:
                 figures["hd95_lcc"][c] = float(hd95_per_class(largest, actual, 2, spacing)[1])
-        if entropy is not None:
-            figures["uncertainty_lcc"][c] = float(organ_uncertainty(entropy, processed, num_classes, classes=[c])[c])
+        if probabilities is not None:
+            figures["uncertainty_lcc"][c] = float(expected_dice_deficit(probabilities, processed,
+                                                                        raw_labels=prediction)[c])
     return figures
 
 

@@ -1,5 +1,6 @@
-"""Uncertainty of a prediction: voxel-wise normalised predictive entropy, a score per organ, and the
-review flag whose thresholds are fitted on the validation patients of a run.
+"""Uncertainty of a prediction: voxel-wise normalised predictive entropy (the uncertainty map), a
+score per organ (the expected Dice deficit, from the class probabilities), and the review flag
+whose thresholds on that score are fitted on the validation patients of a run.
 
 The entropy is that of the class probabilities averaged over whatever the prediction averages
 (ensemble members, test-time flips): high where the averaged members disagree or each is unsure,
@@ -23,12 +24,13 @@ from sklearn.metrics import roc_auc_score
 UNCERTAINTY_SLOPE = float(np.nextafter(np.float32(1 / 255), np.float32(0)))
 UNCERTAINTY_LEVELS = 255
 
-ORGAN_SCORE = ("mean normalised entropy over the organ's predicted boundary band: the voxels within one "
-               "voxel (6-connected) of the predicted contour, inside and outside")
+SCORE_NAME = "expected_dice_deficit"  # stored in the rule's settings: a rule fitted on another score is refitted
+ORGAN_SCORE = ("expected Dice deficit: 1 - soft Dice between the organ's delivered mask and its averaged class "
+               "probability, on the source grid (voxels the post-processing took from the organ count as not it)")
 FLAG_RULE = ("a case is flagged for review when, for any organ, its score is above that organ's threshold, "
              "or an organ predicted in every validation case is not predicted at all")
-MIN_CASES_FOR_FIT = 8  # below this (or with fewer than 2 poor or 2 good organs) the outlier fence is used
-FENCE_IQR = 1.5  # Tukey's upper fence: the third quartile plus 1.5 interquartile ranges
+MIN_CASES_FOR_FIT = 8  # below this (or with fewer than 2 poor or 2 good organs) the median-plus-margin rule is used
+REVIEW_MARGIN = 0.05  # Dice units: flag an organ the model expects at least this much worse than its typical case
 MIN_CASES_PER_GROUP = 2
 
 
@@ -77,9 +79,11 @@ def write_uncertainty(entropy: np.ndarray, source: nib.Nifti1Image, path: str | 
 
 def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int,
                       classes: Sequence[int] | None = None) -> np.ndarray:
-    """Uncertainty score per class, ``(num_classes,)``: the mean of ``entropy (X, Y, Z)`` over the
-    boundary band of the class's predicted mask in ``labels (X, Y, Z)``; NaN where the class is
-    not predicted, and NaN for the background (index 0), which has no contour to review.
+    """Boundary-band entropy per class, ``(num_classes,)``: the mean of ``entropy (X, Y, Z)`` over
+    the boundary band of the class's predicted mask in ``labels (X, Y, Z)``; NaN where the class
+    is not predicted, and NaN for the background (index 0), which has no contour to review. The
+    uncertainty figure picks its organ and slice by it (the map shows entropy); the review flags
+    threshold ``expected_dice_deficit`` instead, which tracks an organ's Dice error better.
 
     Why the boundary band (the mask dilated by one voxel minus the mask eroded by one voxel):
     a contour is wrong where its edge lies in the wrong place, and that is where the averaged
@@ -90,8 +94,7 @@ def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int,
     of the bladder or the body towards zero. The band compares edges with edges, across organs
     and cases. It reaches one voxel outside the mask, so it also sees over- and under-segmented
     edges where the neighbouring class won the arg-max by a small margin. What it cannot see
-    is a part of the organ missed far from the predicted contour; a wholly missed organ is
-    caught by the flag rule instead (see ``fit_flag_thresholds``).
+    is a part of the organ missed far from the predicted contour.
 
     The edge of the array is not a contour (the body runs out of the field of view), so
     erosion treats outside the array as organ there. ``classes`` limits the work to those classes
@@ -116,33 +119,92 @@ def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int,
     return scores
 
 
+def expected_dice_deficit(probabilities, labels: np.ndarray, raw_labels: np.ndarray | None = None) -> np.ndarray:
+    """The organ score the review flags threshold, per class ``(C,)``: one minus the soft Dice
+    between the delivered mask ``m = (labels == c)`` and the class's probability ``p`` over the
+    whole volume, ``1 - 2 sum(p m) / (sum(p) + sum(m))``; NaN where the class is not predicted,
+    and NaN for the background (index 0).
+
+    ``probabilities`` ``(C, X, Y, Z)`` (torch or numpy: the averaged softmax, on the grid of
+    ``labels``). If each voxel's class were drawn from ``p``, ``sum(p m)`` would be the expected
+    overlap with the mask and ``sum(p)`` the expected size of the organ, so ``1 - score`` is the
+    Dice the model expects of its own contour, and the score is in Dice units. Equivalently it is
+    ``(sum(p (1 - m)) + sum((1 - p) m)) / (sum(p) + sum(m))``: the organ's probability outside its
+    mask (a missed part the model half believes in, a half-believed rival island) plus the doubt
+    inside the mask (a diffuse wrong island that won the arg-max, a boundary in the wrong place),
+    over the organ's expected size. It is relative to that size, so a small prostate and a large
+    body with the same share of doubtful voxels score alike, and it reaches any distance from the
+    contour, unlike a boundary-band entropy. A confidently wrong region (p near 1) is invisible to
+    it, as to any score made from the probabilities alone.
+
+    ``raw_labels``: the arg-max labels before post-processing. A voxel the post-processing took
+    from class ``c`` (an island removed by the largest-component step) leaves ``c``'s probability
+    mass too: the pipeline has decided that it is not the organ, so it must not count as a missed
+    part of the delivered contour. Sums are in float64.
+    """
+    probabilities = torch.as_tensor(probabilities)
+    labels = np.asarray(labels)
+    num_classes = probabilities.shape[0]
+    if probabilities.ndim != labels.ndim + 1 or tuple(probabilities.shape[1:]) != labels.shape:
+        raise ValueError(f"expected_dice_deficit: probabilities {tuple(probabilities.shape)} do not match labels "
+                         f"{labels.shape} as (C, *labels.shape)")
+    probabilities = probabilities.detach().cpu().reshape(num_classes, -1)
+    flat = torch.from_numpy(labels.reshape(-1).astype(np.int64))
+    mass = probabilities.sum(dim=1, dtype=torch.float64)  # sum(p) per class
+    own = probabilities.gather(0, flat[None])[0].double()  # each voxel's probability of its own label
+    overlap = torch.bincount(flat, weights=own, minlength=num_classes)[:num_classes]  # sum(p m) per class
+    size = torch.bincount(flat, minlength=num_classes)[:num_classes].double()  # sum(m) per class
+    if raw_labels is not None:
+        raw = torch.from_numpy(np.asarray(raw_labels).reshape(-1).astype(np.int64))
+        if raw.numel() != flat.numel():
+            raise ValueError(f"expected_dice_deficit: raw labels {np.shape(raw_labels)} and labels {labels.shape} differ")
+        taken = raw != flat
+        if bool(taken.any()):
+            raw_taken = raw[taken]
+            removed = probabilities[:, taken].gather(0, raw_taken[None])[0].double()
+            mass -= torch.bincount(raw_taken, weights=removed, minlength=num_classes)[:num_classes]
+    scores = (1.0 - 2.0 * overlap / (mass.clamp(min=0.0) + size)).numpy()
+    scores[size.numpy() == 0] = np.nan
+    scores[0] = np.nan
+    return np.clip(scores, 0.0, 1.0)
+
+
 # ----------------------------------------------------------------------------- review flag
 
 def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Sequence[str],
                         poor_quantile: float = 0.25) -> dict:
     """The review rule, fitted on validation cases: per organ, a threshold on its score.
 
-    ``scores`` and ``dice`` are ``(n_cases, C)`` (``organ_uncertainty`` and 3D Dice per case).
+    ``scores`` and ``dice`` are ``(n_cases, C)`` (``expected_dice_deficit`` and 3D Dice per case).
     An organ in a case counts as poor when its Dice is in the lowest ``poor_quantile`` of that
     organ's validation Dice: organs differ too much in attainable Dice (body near 1, prostate
     far lower) for one absolute cut, and the lowest quarter is what a reviewer most needs to
     see without flagging half of all contours. The threshold is the midpoint between two
     consecutive validation scores that maximises Youden's J (sensitivity + specificity - 1)
-    for finding the poor organs; on ties the higher threshold wins (fewer flags). With fewer
-    than ``MIN_CASES_FOR_FIT`` cases where the organ is both predicted and scored, fewer than
-    two poor or good ones, or no threshold with J > 0 (the score does not separate them on
-    validation), the threshold is Tukey's upper fence of its validation scores (third quartile
-    plus 1.5 interquartile ranges): the organ is flagged only when it is an outlier among what
-    validation showed. A high quantile instead would flag a fixed share of organs whatever their
-    quality (the 90 % quantile of six cases flags about one organ in six, so most cases with five
-    organs), by margins far below the spread between cases.
+    for finding the poor organs; on ties the higher threshold wins (fewer flags).
 
-    Returns a JSON-able dict (no NaN): the rule in words, ``n_cases``, and per foreground organ
-    ``threshold``, ``method`` ("youden", "fence", or "none" with no threshold for an organ never
-    predicted on validation), ``n_scored``, ``n_poor``,
-    ``poor_dice_below``, ``sensitivity``, ``specificity`` and ``youden_j`` on the validation
-    cases (None where not defined), and ``expected`` (predicted in every validation case, so a
-    case where it is absent is flagged).
+    With fewer than ``MIN_CASES_FOR_FIT`` cases where the organ is both predicted and scored,
+    fewer than two poor or good ones, or no threshold with J > 0 (the score does not separate
+    them on validation), the threshold is the organ's median validation score plus
+    ``REVIEW_MARGIN`` (0.05): the organ is flagged when the model expects its Dice to be at
+    least 5 points below what it expected for its typical validation case. Why this and not a
+    fitted cut: with so few cases (a run's validation patients, often 2 to 6 volumes) a
+    quantile, a Tukey fence or a Youden cut rests on one or two values and on the spread
+    between cases rather than on a difference that matters; the median is the most stable
+    summary of few values, and the score is in Dice units, so the margin is a stated amount of
+    Dice rather than a multiple of a noisy spread. It is relative to the organ's own median, so
+    an organ that is hard in every case is not flagged in every case, and a self-estimate that
+    is biased (a young model's probabilities are rarely calibrated) is compared with itself.
+    Five Dice points is what a wrong island or a missed part of a tenth of the organ's volume
+    costs (2 x 0.9 / 1.9 = 0.947): enough to need a look, and well above the few thousandths by
+    which the score differs between similar cases.
+
+    Returns a JSON-able dict (no NaN): the rule in words, ``n_cases``, ``margin``, and per
+    foreground organ ``threshold``, ``method`` ("youden", "margin", or "none" with no threshold
+    for an organ never predicted on validation), ``median`` (of its validation scores),
+    ``n_scored``, ``n_poor``, ``poor_dice_below``, ``sensitivity``, ``specificity`` and
+    ``youden_j`` on the validation cases (None where not defined), and ``expected`` (predicted
+    in every validation case, so a case where it is absent is flagged).
     """
     scores = np.asarray(scores, dtype=np.float64)
     dice = np.asarray(dice, dtype=np.float64)
@@ -155,17 +217,17 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
             continue
         organ_scores, organ_dice = scores[:, c], dice[:, c]
         scored = np.isfinite(organ_scores) & np.isfinite(organ_dice)
-        fit = {"n_scored": int(scored.sum()), "n_poor": None, "poor_dice_below": None, "sensitivity": None,
-               "specificity": None, "youden_j": None,
+        fit = {"median": None, "n_scored": int(scored.sum()), "n_poor": None, "poor_dice_below": None,
+               "sensitivity": None, "specificity": None, "youden_j": None,
                "expected": bool(scores.shape[0] > 0 and np.isfinite(organ_scores).all())}
         if scored.any():
+            fit["median"] = float(np.median(organ_scores[scored]))
             poor_dice_below = float(np.quantile(organ_dice[scored], poor_quantile))
             poor = organ_dice[scored] < poor_dice_below
             fit["poor_dice_below"], fit["n_poor"] = poor_dice_below, int(poor.sum())
             threshold, method = _youden_threshold(organ_scores[scored], poor), "youden"
             if threshold is None:
-                threshold = upper_fence(organ_scores[scored])
-                method = "fence"
+                threshold, method = fit["median"] + REVIEW_MARGIN, "margin"
             flagged = organ_scores[scored] > threshold
             if poor.any():
                 fit["sensitivity"] = float((flagged & poor).sum() / poor.sum())
@@ -177,20 +239,16 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
             threshold, method = None, "none"  # never predicted on validation: only the absence rule applies
         organs[name] = {"threshold": threshold, "method": method, **fit}
     return {"score": ORGAN_SCORE, "rule": FLAG_RULE, "poor": f"Dice below the organ's validation "
-            f"{poor_quantile:g} quantile", "poor_quantile": poor_quantile, "fence_iqr": FENCE_IQR,
+            f"{poor_quantile:g} quantile", "poor_quantile": poor_quantile, "margin": REVIEW_MARGIN,
             "n_cases": int(scores.shape[0]), "organs": organs}
 
 
 def review_settings(tta: bool, overlap: float, largest_component: Sequence[str]) -> dict:
-    """The prediction settings a review rule is fitted under (the scores depend on them): stored
-    with the rule, so that predict.py refits when it runs with other settings."""
-    return {"tta": bool(tta), "overlap": float(overlap), "largest_component": sorted(largest_component)}
-
-
-def upper_fence(values: np.ndarray) -> float:
-    """Tukey's upper fence of ``values``: Q3 + 1.5 (Q3 - Q1), quartiles by linear interpolation."""
-    first, third = np.quantile(np.asarray(values, dtype=np.float64), [0.25, 0.75])
-    return float(third + FENCE_IQR * (third - first))
+    """The prediction settings a review rule is fitted under (the scores depend on them, and on
+    which score it is): stored with the rule, so that predict.py refits when it runs with other
+    settings, or finds a rule fitted on another score (an uncertainty.json of an older version)."""
+    return {"tta": bool(tta), "overlap": float(overlap), "largest_component": sorted(largest_component),
+            "score": SCORE_NAME}
 
 
 def fit_from_volumes(volumes: Sequence[dict], class_names: Sequence[str]) -> dict:
@@ -219,7 +277,7 @@ def flag_case(scores: np.ndarray, rule: dict, class_names: Sequence[str]) -> lis
     """The organs that flag one case for review under ``rule`` (from ``fit_flag_thresholds``):
     ``[{"organ": name, "score": s, "threshold": t, "reason": "uncertain" | "not predicted"}]``,
     in class order; empty when the case needs no closer look. ``scores`` is ``(C,)`` from
-    ``organ_uncertainty``; ``score`` is None for an organ that is not predicted."""
+    ``expected_dice_deficit``; ``score`` is None for an organ that is not predicted."""
     scores = np.asarray(scores, dtype=np.float64)
     flags = []
     for c, name in enumerate(class_names):
