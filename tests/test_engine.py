@@ -348,7 +348,8 @@ def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_
     run_dir, root = finished_run["run"], finished_run["root"]
     rule = json.loads((run_dir / "uncertainty.json").read_text())
     decision = json.loads((run_dir / "postprocessing.json").read_text())
-    assert rule["settings"] == {"tta": False, "overlap": 0.5, "largest_component": sorted(decision["largest_component"])}
+    assert rule["settings"] == {"tta": False, "overlap": 0.5, "largest_component": sorted(decision["largest_component"]),
+                                "score": "expected_dice_deficit"}
     class_names = ["background", "body", "bone", "bladder", "rectum", "prostate"]
     expected = flags_from_fit(rule, class_names)
     result = run("predict.py", "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val",

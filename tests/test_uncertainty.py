@@ -1,6 +1,7 @@
 """uncertainty.py and figures.save_uncertainty_figure: entropy against scipy's, the NIfTI written on
-an oblique LPS source grid, the boundary-band score against hand-counted voxels, the review rule
-on constructed validation sets, and the two measures of how the score tracks errors.
+an oblique LPS source grid, the boundary-band entropy against hand-counted voxels, the expected
+Dice deficit (the flags' score) by hand and on built probability maps, the review rule on
+constructed validation sets, and the two measures of how the score tracks errors.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_curve
 
+from evaluation import evaluate_volume, with_postprocessing
 from figures import save_uncertainty_figure
-from uncertainty import (UNCERTAINTY_SLOPE, fit_flag_thresholds, flag_case, normalised_entropy, organ_uncertainty,
-                         rank_correlation, voxel_error_auroc, write_uncertainty)
+from monai.data import MetaTensor
+from uncertainty import (REVIEW_MARGIN, SCORE_NAME, UNCERTAINTY_SLOPE, expected_dice_deficit, fit_flag_thresholds,
+                         fit_from_volumes, flag_case, normalised_entropy, organ_uncertainty, rank_correlation,
+                         review_settings, voxel_error_auroc, write_uncertainty)
 
 CLASS_NAMES = ("background", "body", "bladder")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,6 +136,160 @@ def test_organ_score_does_not_count_the_array_edge_as_a_contour():
     assert scores[1] == pytest.approx(0.5) and scores[2] == pytest.approx(0.5)
 
 
+# ----------------------------------------------------------------------------- expected Dice deficit
+
+def two_class_probabilities(organ: np.ndarray) -> np.ndarray:
+    """(2, *shape): the organ's probability map ``organ`` and the background's 1 - organ."""
+    organ = np.asarray(organ, dtype=np.float32)
+    return np.stack([1 - organ, organ])
+
+
+def test_expected_dice_deficit_by_hand():
+    labels = np.zeros((4, 4, 4), dtype=np.uint8)
+    labels[:2, :2, :2] = 1  # 8 voxels
+    organ = np.where(labels == 1, 0.5, 0.0)
+    # sum(p m) = 8 x 0.5 = 4, sum(p) = 4, sum(m) = 8: soft Dice 2 x 4 / (4 + 8) = 2/3
+    scores = expected_dice_deficit(two_class_probabilities(organ), labels)
+    assert math.isnan(scores[0]) and scores[1] == pytest.approx(1 / 3)
+
+    organ = np.where(labels == 1, 1.0, 0.0)
+    organ[3, 3, :] = 0.5  # 4 voxels outside the mask at 0.5: sum(p) = 10, sum(p m) = 8, sum(m) = 8
+    assert expected_dice_deficit(two_class_probabilities(organ), labels)[1] == pytest.approx(1 - 16 / 18)
+    # sharp and matching: no deficit; torch input gives the same
+    exact = torch.from_numpy(two_class_probabilities(labels == 1))
+    assert expected_dice_deficit(exact, labels)[1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_expected_dice_deficit_is_nan_for_an_organ_not_predicted_and_checks_shapes():
+    labels = np.zeros((3, 3, 3), dtype=np.uint8)
+    labels[1, 1, 1] = 1
+    probabilities = np.full((3, 3, 3, 3), 1 / 3, dtype=np.float32)
+    scores = expected_dice_deficit(probabilities, labels)
+    assert np.isnan(scores[0]) and np.isnan(scores[2]) and np.isfinite(scores[1])
+    with pytest.raises(ValueError, match="do not match"):
+        expected_dice_deficit(probabilities[:, :2], labels)
+
+
+def test_voxels_the_post_processing_removed_leave_the_organ_s_mass():
+    raw = np.zeros((8, 4, 4), dtype=np.uint8)
+    raw[:2, :2, :2] = 1  # the organ: 8 voxels at p = 1
+    raw[6:, :2, :1] = 1  # an island of 4 voxels at p = 1, removed by the largest-component step
+    labels = raw.copy()
+    labels[6:] = 0
+    probabilities = two_class_probabilities(raw == 1)
+    # counted as the organ's: sum(p) = 12, sum(p m) = 8, sum(m) = 8, so 1 - 16/20
+    assert expected_dice_deficit(probabilities, labels)[1] == pytest.approx(0.2)
+    assert expected_dice_deficit(probabilities, labels, raw_labels=raw)[1] == pytest.approx(0.0, abs=1e-12)
+
+
+SHAPE = (24, 24, 24)
+BODY, BLADDER = (slice(2, 22),) * 3, (slice(6, 12),) * 3  # the bladder: a 6-voxel cube, 216 voxels
+
+
+def built_case(edge: float, confidence: float = 0.999):
+    """Labels and probabilities (3 classes) of a clean prediction: each voxel gives ``confidence``
+    to its label (the rest split evenly), except the bladder's outer layer, whose voxels give
+    ``edge`` to the bladder and the rest to the body, as at a soft but right contour."""
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[BODY] = 1
+    labels[BLADDER] = 2
+    probabilities = np.full((3,) + SHAPE, (1 - confidence) / 2)
+    for c in range(3):
+        probabilities[c][labels == c] = confidence
+    layer = np.zeros(SHAPE, dtype=bool)
+    layer[BLADDER] = True
+    layer[7:11, 7:11, 7:11] = False
+    probabilities[:, layer] = [[0.0], [1 - edge], [edge]]
+    return labels, probabilities
+
+
+def hand_deficit(probabilities: np.ndarray, labels: np.ndarray, c: int) -> float:
+    """The definition written out: 1 - 2 sum(p m) / (sum(p) + sum(m))."""
+    p, m = probabilities[c].astype(np.float64), (labels == c).astype(np.float64)
+    return 1 - 2 * (p * m).sum() / (p.sum() + m.sum())
+
+
+def built_validation():
+    """Six clean validation volumes (edges 0.80 to 0.90), Dice of bladder 0.90 to 0.95, and the
+    rule fitted on them (six cases: the median-plus-margin rule)."""
+    scores, dice = [], []
+    for i, edge in enumerate(np.linspace(0.80, 0.90, 6)):
+        labels, probabilities = built_case(edge)
+        scores.append(expected_dice_deficit(probabilities, labels))
+        dice.append([np.nan, 0.97, 0.90 + 0.01 * i])
+    return np.array(scores), np.array(dice), fit_flag_thresholds(np.array(scores), np.array(dice), CLASS_NAMES)
+
+
+def test_a_clean_volume_is_not_flagged_and_wrong_organ_volumes_are():
+    scores, _, rule = built_validation()
+    bladder = rule["organs"]["bladder"]
+    assert bladder["method"] == "margin"
+    assert bladder["threshold"] == pytest.approx(np.median(scores[:, 2]) + 0.05)
+    # a clean volume between the validation ones: no flag; its score is the definition's
+    labels, probabilities = built_case(0.83)
+    clean = expected_dice_deficit(probabilities, labels)
+    assert clean[2] == pytest.approx(hand_deficit(probabilities, labels, 2))
+    assert flag_case(clean, rule, CLASS_NAMES) == []
+
+    # a wrong organ: a 5-voxel cube far from the bladder labelled bladder, with p 0.55 (diffuse
+    # but winning the arg-max); true Dice 2 x 216 / (216 + 341) = 0.78
+    labels, probabilities = built_case(0.85)
+    island = (slice(14, 19),) * 3
+    labels[island] = 2
+    probabilities[(slice(None),) + island] = np.array([0.0, 0.45, 0.55])[:, None, None, None]
+    wrong = expected_dice_deficit(probabilities, labels)
+    assert wrong[2] == pytest.approx(hand_deficit(probabilities, labels, 2))
+    assert [f["organ"] for f in flag_case(wrong, rule, CLASS_NAMES)] == ["bladder"]
+
+    # a part of the bladder the arg-max missed far from its contour: the body wins by 0.55 to 0.45
+    labels, probabilities = built_case(0.85)
+    probabilities[(slice(None),) + island] = np.array([0.0, 0.55, 0.45])[:, None, None, None]
+    missed = expected_dice_deficit(probabilities, labels)
+    assert [f["organ"] for f in flag_case(missed, rule, CLASS_NAMES)] == ["bladder"]
+
+    # the whole bladder at p about 0.5: the model does not believe its own contour
+    labels, probabilities = built_case(0.5)
+    probabilities[:, 7:11, 7:11, 7:11] = np.array([0.0, 0.48, 0.52])[:, None, None, None]
+    doubtful = expected_dice_deficit(probabilities, labels)
+    assert [f["organ"] for f in flag_case(doubtful, rule, CLASS_NAMES)] == ["bladder"]
+
+
+def test_evaluate_volume_scores_what_the_training_fit_scores_after_post_processing():
+    """evaluate_volume's score with the largest-component step (predict.py) equals the one the
+    training fit selects for that step (``alternatives`` then ``with_postprocessing``)."""
+    labels, probabilities = built_case(0.85)
+    labels[16:19, 16:19, 16:19] = 2  # an island of bladder at p 0.9, which the step removes
+    probabilities[:, 16:19, 16:19, 16:19] = np.array([0.0, 0.1, 0.9])[:, None, None, None]
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    grid = MetaTensor(torch.zeros(1, *SHAPE), affine=torch.as_tensor(affine),
+                      meta={"original_affine": affine, "spatial_shape": np.array(SHAPE)})
+    source = nib.Nifti1Image(np.zeros(SHAPE, dtype=np.float32), affine)
+    target = labels.copy()
+    target[16:19, 16:19, 16:19] = 1
+    tensor = torch.from_numpy(probabilities.astype(np.float32))
+    fitted = evaluate_volume(tensor, grid, source, list(CLASS_NAMES), target=target, hd95=False, alternatives=True)
+    fitted = with_postprocessing(fitted, ["bladder"], list(CLASS_NAMES))
+    predicted = evaluate_volume(tensor, grid, source, list(CLASS_NAMES), ["bladder"], target=target, hd95=False)
+    assert predicted["uncertainty"][2] == pytest.approx(fitted["uncertainty"][2])
+    assert predicted["dice"][2] == pytest.approx(1.0) and fitted["dice"][2] == pytest.approx(1.0)
+    # the removed island's probability is not counted: the score is that of the clean volume
+    clean_labels, clean_probabilities = built_case(0.85)
+    clean_probabilities[:, 16:19, 16:19, 16:19] = np.array([0.0, 1.0, 0.0])[:, None, None, None]
+    assert predicted["uncertainty"][2] == pytest.approx(hand_deficit(clean_probabilities, clean_labels, 2), abs=1e-6)
+    # without the step the island is part of the delivered bladder, and scored with it
+    raw = evaluate_volume(tensor, grid, source, list(CLASS_NAMES), target=target, hd95=False)
+    assert raw["uncertainty"][2] == pytest.approx(hand_deficit(probabilities, labels, 2), abs=1e-6)
+    assert raw["uncertainty"][2] != pytest.approx(predicted["uncertainty"][2], abs=1e-3)
+
+
+def test_review_settings_name_the_score_so_an_older_rule_is_refitted():
+    settings = review_settings(False, 0.5, ["bladder", "body"])
+    assert settings == {"tta": False, "overlap": 0.5, "largest_component": ["bladder", "body"],
+                        "score": SCORE_NAME}
+    older = {"tta": False, "overlap": 0.5, "largest_component": ["bladder", "body"]}  # before the score was named
+    assert older != settings
+
+
 # ----------------------------------------------------------------------------- review rule
 
 def constructed_validation(n_cases=20, seed=0):
@@ -197,18 +355,32 @@ def test_ties_in_youden_j_keep_the_higher_threshold_and_seven_cases_are_too_few(
     assert bladder["sensitivity"] == 0.5 and bladder["specificity"] == 1.0
 
     fewer = fit_flag_thresholds(scores[1:], dice[1:], CLASS_NAMES)["organs"]["bladder"]
-    # seven scores 0.2 0.3 0.5 0.6 0.65 0.7 0.9: quartiles 0.4 and 0.675 by hand, fence 0.675 + 1.5 x 0.275
-    assert fewer["method"] == "fence" and fewer["threshold"] == pytest.approx(1.0875)
+    # seven scores 0.2 0.3 0.5 0.6 0.65 0.7 0.9: median 0.6, threshold 0.6 + 0.05
+    assert fewer["method"] == "margin" and fewer["median"] == pytest.approx(0.6)
+    assert fewer["threshold"] == pytest.approx(0.65)
 
 
-def test_too_few_cases_fall_back_to_the_outlier_fence():
+def test_too_few_cases_fall_back_to_the_median_plus_margin():
     scores, dice = constructed_validation()
-    body = fit_flag_thresholds(scores, dice, CLASS_NAMES)["organs"]["body"]
-    assert body["method"] == "fence" and body["n_scored"] == 5
-    assert body["threshold"] == pytest.approx(0.7)  # 0.1 .. 0.5: Q1 0.2, Q3 0.4, fence 0.4 + 1.5 x 0.2
-    assert flag_case(np.array([np.nan, 0.71, np.nan]), {"organs": {"body": body}}, CLASS_NAMES)[0]["organ"] == "body"
-    # as uncertain as the most uncertain validation case, or a little more: not an outlier, no flag
-    assert flag_case(np.array([np.nan, 0.55, np.nan]), {"organs": {"body": body}}, CLASS_NAMES) == []
+    rule = fit_flag_thresholds(scores, dice, CLASS_NAMES)
+    body = rule["organs"]["body"]
+    assert rule["margin"] == REVIEW_MARGIN == 0.05
+    assert body["method"] == "margin" and body["n_scored"] == 5
+    assert body["threshold"] == pytest.approx(0.35)  # 0.1 .. 0.5: median 0.3, plus 0.05
+    assert flag_case(np.array([np.nan, 0.36, np.nan]), {"organs": {"body": body}}, CLASS_NAMES)[0]["organ"] == "body"
+    # within the margin of the typical validation case: no flag
+    assert flag_case(np.array([np.nan, 0.34, np.nan]), {"organs": {"body": body}}, CLASS_NAMES) == []
+
+
+def test_a_score_that_does_not_separate_poor_organs_falls_back_to_the_margin():
+    # eight cases, the two poorest with the two lowest scores: no cut has J > 0
+    organ_scores = np.array([0.01, 0.02, 0.10, 0.11, 0.12, 0.13, 0.14, 0.15])
+    organ_dice = np.array([0.50, 0.55, 0.90, 0.91, 0.92, 0.93, 0.94, 0.95])
+    scores, dice = np.full((8, 3), np.nan), np.full((8, 3), np.nan)
+    scores[:, 2], dice[:, 2] = organ_scores, organ_dice
+    bladder = fit_from_volumes([{"uncertainty": list(s), "dice": list(d)} for s, d in zip(scores, dice)],
+                               CLASS_NAMES)["organs"]["bladder"]
+    assert bladder["method"] == "margin" and bladder["threshold"] == pytest.approx(0.115 + 0.05)
 
 
 def test_an_organ_predicted_in_every_validation_case_is_flagged_when_missing():
