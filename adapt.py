@@ -29,7 +29,7 @@ import numpy as np
 
 from adaptation import (GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
                         evaluate_cases, file_sha256, fine_tune, grid_of, load_parent, mean_foreground,
-                        patients_with_weeks, per_class_means, run_protocol, settings_for, table_of)
+                        patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
 from checkpoint import save_checkpoint
 from cli import run_cli
 from dataset import Case, DataError, case_id_from_path, find_cases
@@ -161,8 +161,9 @@ def adapt_one(args: argparse.Namespace) -> dict:
           flush=True)
     started = time.perf_counter()
     weights, train_seconds = fine_tune(parent, reference, settings, device, args.seed)
-    before = evaluate_cases(parent.member, reference, device, hd95=False)
-    after = evaluate_cases(adapted_member(parent, weights), reference, device, hd95=False)
+    scans = prepared(parent, reference)
+    before = evaluate_cases(parent.member, scans, device, hd95=False)
+    after = evaluate_cases(adapted_member(parent, weights), scans, device, hd95=False)
     seconds = time.perf_counter() - started
     parent_dice, adapted_dice = mean_foreground(before), mean_foreground(after)
     used = adapted_dice >= parent_dice

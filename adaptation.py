@@ -163,14 +163,29 @@ def adapted_member(parent: Parent, weights: dict, name: str = "adapted") -> Memb
     return replace(parent.member, path=f"{parent.member.path} ({name})", weights=weights)
 
 
-def evaluate_cases(member: Member, cases: Sequence[Case], device: torch.device, hd95: bool = True) -> list[dict]:
-    """Each labelled case through ``Segmenter.evaluate``, as predict.py evaluates it: per-class Dice
-    (and HD95) on the case's own grid with the parent run's post-processing."""
+@dataclass
+class Scan:
+    """A labelled case preprocessed once with the parent's preprocessing, with its labels on its
+    own grid: evaluated by many models (the parent, every milestone) without reading it again."""
+    case: Case
+    item: dict
+    source: object
+    target: np.ndarray
+
+
+def prepared(parent: Parent, cases: Sequence[Case]) -> list[Scan]:
+    segmenter = Segmenter([parent.member], "cpu")
+    return [Scan(case, *segmenter.prepare(case.image), load_source(case.label)[0].astype(np.int64)) for case in cases]
+
+
+def evaluate_cases(member: Member, scans: Sequence[Scan], device: torch.device, hd95: bool = True) -> list[dict]:
+    """Each scan through ``Segmenter.evaluate_prepared``, as predict.py evaluates a case: per-class
+    Dice (and HD95) on the case's own grid with the parent run's post-processing."""
     segmenter = Segmenter([member], device)
     records = []
-    for case in cases:
-        result = segmenter.evaluate(case.image, target=load_source(case.label)[0].astype(np.int64), hd95=hd95)
-        records.append({"case": case.case_id, "patient": case.patient, "week": case.week,
+    for scan in scans:
+        result = segmenter.evaluate_prepared(scan.item, scan.source, scan.target, hd95=hd95)
+        records.append({"case": scan.case.case_id, "patient": scan.case.patient, "week": scan.case.week,
                         "dice": [float(d) for d in result["dice"]],
                         "hd95": [float(h) for h in result["hd95"]] if hd95 else None})
     return records
@@ -207,7 +222,7 @@ def run_protocol(parent: Parent, patients: dict[str, list[Case]], grid: Sequence
     records, seconds = [], []
     most = max(milestones)
     for patient, weeks in patients.items():
-        reference, later = weeks[0], weeks[1:]
+        reference, later = weeks[0], prepared(parent, weeks[1:])
         parent_records = evaluate_cases(parent.member, later, device, hd95)
         records += [{**r, "steps": 0, "lr": None, "augment": None} for r in parent_records]
         data = {augment: reference_data(parent, [reference], augment) for augment in {g["augment"] for g in grid}}

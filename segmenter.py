@@ -104,9 +104,18 @@ class Segmenter:
         """``evaluation.evaluate_volume``'s record of one image (labels, entropy, volumes, and with
         ``target`` Dice, HD95 and misses), plus ``source``: the input as a nibabel image, the one
         geometry of everything returned. ``probabilities`` adds them on the input's grid."""
+        return self.evaluate_prepared(*self.prepare(image, affine), target, hd95=hd95, probabilities=probabilities)
+
+    def prepare(self, image, affine=None) -> tuple[dict, nib.Nifti1Image]:
+        """The preprocessed image (``item["image"]``) and the input as a nibabel image: what
+        ``evaluate_prepared`` needs, made once where several models evaluate one image."""
         given = as_nifti(image, affine)
         source = read_nifti_header(given) if isinstance(given, str) else given
-        item = self.transform({"image": given})
+        return self.transform({"image": given}), source
+
+    def evaluate_prepared(self, item: dict, source: nib.Nifti1Image, target: np.ndarray | None = None,
+                          hd95: bool = True, probabilities: bool = False) -> dict:
+        """``evaluate`` of an image ``prepare`` has preprocessed."""
         predicted = self.ensemble.probabilities(item["image"][None], self.roi_size, self.overlap, self.tta)[0]
         result = evaluate_volume(predicted, item["image"], source, self.class_names, self.largest_component, target,
                                  hd95=hd95, keep_probabilities=probabilities)
