@@ -240,7 +240,8 @@ def review_rule_for(members, class_names: Sequence[str], settings: dict, segment
 def describe_settings(settings: dict | None) -> str:
     if not settings:
         return "unrecorded settings"
-    return (f"tta {settings['tta']}, overlap {settings['overlap']}, largest component kept for "
+    return (f"score {settings.get('score', 'unrecorded (an older version)')}, tta {settings['tta']}, "
+            f"overlap {settings['overlap']}, largest component kept for "
             f"{', '.join(settings['largest_component']) or 'no organ'}")
 
 
