@@ -196,8 +196,10 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
     an organ that is hard in every case is not flagged in every case, and a self-estimate that
     is biased (a young model's probabilities are rarely calibrated) is compared with itself.
     Five Dice points is what a wrong island or a missed part of a tenth of the organ's volume
-    costs (2 x 0.9 / 1.9 = 0.947): enough to need a look, and well above the few thousandths by
-    which the score differs between similar cases.
+    costs (2 x 0.9 / 1.9 = 0.947): enough to need a look. The margin is in the score's units,
+    which are Dice units only as far as the probabilities are calibrated; a class-weighted loss
+    inflates the rare organs' probabilities and so stretches their scores, and the margin is
+    then effectively smaller for them.
 
     Returns a JSON-able dict (no NaN): the rule in words, ``n_cases``, ``margin``, and per
     foreground organ ``threshold``, ``method`` ("youden", "margin", or "none" with no threshold
