@@ -205,12 +205,15 @@ ENTROPY_SHOWN_FROM = 0.02  # normalised entropy below this is drawn as the grey 
 
 
 def uncertainty_slice(entropy: np.ndarray, prediction: np.ndarray | None = None,
-                      num_classes: int | None = None) -> tuple[int, int | None, float | None]:
+                      num_classes: int | None = None,
+                      scores: Sequence[float] | None = None) -> tuple[int, int | None, float | None]:
     """The axial slice the uncertainty figure shows, for arrays whose third axis is axial:
     ``(z, organ, score)``.
 
-    With ``prediction``: the foreground organ with the highest ``uncertainty.organ_uncertainty``
-    score (the one a reviewer should look at first), and among the slices through its predicted
+    With ``prediction``: the foreground organ with the highest score (the one a reviewer should
+    look at first): ``scores`` where given (per class, the case's review scores, so the figure
+    shows the organ the flags are about), else ``uncertainty.organ_uncertainty``'s boundary-band
+    entropy; and among the slices through its predicted
     mask the one holding the most entropy on the organ's boundary band, where that score comes
     from (summed, so a full cut through the organ beats a two-voxel tip). The first and last
     slices are skipped when the organ reaches others: there the body runs out of the field of
@@ -225,7 +228,11 @@ def uncertainty_slice(entropy: np.ndarray, prediction: np.ndarray | None = None,
 
         prediction = np.asarray(prediction)
         num_classes = int(prediction.max()) + 1 if num_classes is None else num_classes
-        scores = organ_uncertainty(entropy, prediction, num_classes)
+        scores = (organ_uncertainty(entropy, prediction, num_classes) if scores is None
+                  else np.asarray(scores, dtype=np.float64))
+        # an organ not predicted has no slice to show, whatever its score
+        present = np.bincount(prediction.reshape(-1).astype(np.int64), minlength=len(scores))[:len(scores)] > 0
+        scores = np.where(present, scores, np.nan)
         if np.isfinite(scores[1:]).any():
             organ = int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)[1:])) + 1
             mask = prediction == organ
@@ -277,7 +284,7 @@ def _in_plane_box(prediction: np.ndarray | None, shape, margin: int = 4) -> tupl
 
 def save_uncertainty_figure(image: np.ndarray, entropy: np.ndarray, affine: np.ndarray, path: Path,
                             prediction: np.ndarray | None = None, class_names: Sequence[str] | None = None,
-                            title: str | None = None) -> int:
+                            title: str | None = None, scores: Sequence[float] | None = None) -> int:
     """The axial slice through the most uncertain organ (``uncertainty_slice``), cropped to the
     predicted body: the predicted labels on the image, and beside them the normalised entropy
     ``(X, Y, Z)`` in [0, 1] over the image in grey with that organ's predicted contour, so the
@@ -293,7 +300,7 @@ def save_uncertainty_figure(image: np.ndarray, entropy: np.ndarray, affine: np.n
     image = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
     show_labels = prediction is not None and class_names is not None
     labels = to_lps(np.asarray(prediction), affine) if show_labels else None
-    z, organ, score = uncertainty_slice(entropy, labels, len(class_names) if show_labels else None)
+    z, organ, score = uncertainty_slice(entropy, labels, len(class_names) if show_labels else None, scores)
     rows, columns = _in_plane_box(labels, image.shape)
 
     def crop(volume):

@@ -305,7 +305,8 @@ def predict_case(case: Case, segmenter: Segmenter, args, rule: dict | None, out:
         image_data = drop_trailing_singletons(np.asanyarray(source.dataobj))
         save_case_figures(image_data, target, labels, source.affine, class_names, out / "figures", case.case_id)
         save_uncertainty_figure(image_data, entropy, source.affine, out / "figures" / f"{case.case_id}_uncertainty.png",
-                                prediction=labels, class_names=class_names, title=f"{case.case_id}: uncertainty")
+                                prediction=labels, class_names=class_names, title=f"{case.case_id}: uncertainty",
+                                scores=scores)
         figures = [f"figures/{case.case_id}_best_slices.png", f"figures/{case.case_id}_uncertainty.png",
                    f"figures/{case.case_id}_overview.png"]
     result["report"] = {"case_id": case.case_id, "prediction_path": prediction_path.name,

@@ -86,6 +86,23 @@ def test_chosen_slice_lies_inside_the_most_uncertain_organ(hot):
     assert z == int(np.argmax(per_slice))
 
 
+def test_given_review_scores_choose_the_organ_over_the_boundary_band():
+    """predict.py passes the case's review scores: the figure shows the organ the flags are about,
+    even where another organ's boundary band holds more entropy."""
+    labels = pelvis()
+    entropy = entropy_with_hot_organ(labels, PROSTATE)  # the band rule alone would show the prostate
+    review = np.zeros(len(CLASS_NAMES))
+    review[BLADDER] = 0.4
+    review[PROSTATE] = 0.1
+    z, organ, score = uncertainty_slice(entropy, labels, len(CLASS_NAMES), scores=review)
+    assert organ == BLADDER and score == pytest.approx(0.4)
+    assert z in slices_of(labels == BLADDER)
+    # an organ that is not predicted has no slice to show, whatever its score
+    review[len(CLASS_NAMES) - 1] = 0.9
+    without = np.where(labels == len(CLASS_NAMES) - 1, BODY, labels)
+    assert uncertainty_slice(entropy, without, len(CLASS_NAMES), scores=review)[1] == BLADDER
+
+
 def test_an_organ_reaching_the_edge_slice_is_shown_inside_the_field_of_view():
     labels = pelvis()
     entropy = np.zeros(SHAPE)
