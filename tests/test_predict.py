@@ -92,8 +92,13 @@ def blocks_label(shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """Output decoded by hand: text mode's universal newlines would turn a progress bar's carriage
+    returns into newlines and hide them. The user's environment without PYTHONWARNINGS."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, timeout=timeout,
+                            env={**env, "PYTHONUNBUFFERED": "1"})
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def predict_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -372,7 +377,7 @@ def trained(tmp_path_factory):
                   "--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0",
                   "--device", "cpu"], TRAIN_TIMEOUT_S)
     assert result.returncode == 0, explain(result)
-    return {"base": base, "data": data, "run": run_dir, "stdout": result.stdout}
+    return {"base": base, "data": data, "run": run_dir, "stdout": result.stdout, "result": result}
 
 
 @pytest.fixture(scope="module")
@@ -384,6 +389,16 @@ def predicted(trained):
     split = json.loads((trained["run"] / "splits.json").read_text())
     cases = [c for c in find_cases(trained["data"]) if c.patient in split["test"]]
     return {"out": out, "cases": cases, "result": result}
+
+
+def test_a_normal_run_prints_no_library_warnings_and_no_progress_frames(trained, predicted):
+    """The train.py and predict.py runs above, as a user starts them (figures and HD95 included)."""
+    for name, result in (("train", trained["result"]), ("predict", predicted["result"])):
+        assert "Warning" not in result.stderr, f"{name}.py:\n{result.stderr[-3000:]}"
+        assert "warn" not in result.stderr.lower(), f"{name}.py:\n{result.stderr[-3000:]}"
+        # Not on a terminal: no tqdm bars, whose frames are carriage returns.
+        assert "\r" not in result.stdout + result.stderr, f"{name}.py writes progress frames"
+    assert "Done." in trained["result"].stdout and "Outputs in" in predicted["result"].stdout
 
 
 def test_train_writes_run_folder_and_a_complete_checkpoint(trained):

@@ -4,10 +4,11 @@ supervision and of --loss ce/dice against PyTorch's and MONAI's own losses, --tt
 model called directly, steps per epoch of --batch-size 2 against Adam's step count, the resumed
 settings and the cosine schedule against the closed form.
 
-Runs are in-process (``run_cli(train.main, train.get_args(argv))`` returns the exit code) except
-the ones that check what a user sees on the terminal, which start train.py and predict.py as
-subprocesses. Nothing of the project is mocked; where a failure cannot be provoked on tiny data
-(running out of GPU memory, a GPU's bf16 support), a library function is patched.
+Runs are in-process (``run_cli(train.main, train.get_args(argv))`` returns the exit code); what a
+user sees on the terminal of a normal run (no library warnings, no progress frames) is checked on
+tests/test_predict.py's train.py and predict.py subprocesses. Nothing of the project is mocked;
+where a failure cannot be provoked on tiny data (running out of GPU memory, a GPU's bf16
+support), a library function is patched.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,13 +44,12 @@ TINY = ["--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "-
 # float32 where precision is not what a test is about: on CPUs with native bf16 (where bf16 is the
 # default) a tiny network's epoch takes 0.2 s in float32 and 2-3 s in bf16.
 FP32 = [*TINY, "--no-amp"]
-TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One CPU thread, here and in the subprocesses: on a machine whose cores are busy, two OpenMP
-    threads spinning at their barriers run these tiny networks 10-50x slower than one thread."""
+    """One CPU thread: on a machine whose cores are busy, two OpenMP threads spinning at their
+    barriers run these tiny networks 10-50x slower than one thread."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -128,16 +127,6 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def subprocess_run(command: list[str]) -> subprocess.CompletedProcess:
-    """Output decoded by hand: text mode's universal newlines would turn a progress bar's
-    carriage returns into newlines and hide them."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    env["OMP_NUM_THREADS"] = "1"  # as in-process (the ``one_thread`` fixture), so the numbers compare
-    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, timeout=TIMEOUT_S, env=env)
-    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
-    return result
-
-
 # ----------------------------------------------------------------------------- data
 
 @pytest.fixture(scope="module")
@@ -158,21 +147,6 @@ def four_class_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def plain_run(training_root, tmp_path_factory) -> dict:
-    """A normal tiny run and a prediction from it, as a user starts them: subprocesses."""
-    base = tmp_path_factory.mktemp("plain")
-    run_dir = base / "run"
-    trained_run = subprocess_run(["train.py", "--data-root", str(training_root), "--out", str(run_dir), "--epochs", "1",
-                                  *TINY])
-    assert trained_run.returncode == 0, trained_run.stdout[-3000:] + trained_run.stderr[-3000:]
-    predicted = subprocess_run(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--data-root",
-                                str(training_root), "--split", "test", "--out", str(base / "pred"), "--device", "cpu",
-                                "--no-hd95"])
-    assert predicted.returncode == 0, predicted.stdout[-3000:] + predicted.stderr[-3000:]
-    return {"base": base, "run": run_dir, "train": trained_run, "predict": predicted}
-
-
-@pytest.fixture(scope="module")
 def fp32_run(training_root, tmp_path_factory) -> Path:
     """The same tiny run in float32 and in-process: the reference of the runs that must give its
     numbers (bf16 rounding would blur a comparison at 1e-5)."""
@@ -180,18 +154,6 @@ def fp32_run(training_root, tmp_path_factory) -> Path:
     argv = ["--data-root", str(training_root), "--out", str(run_dir), "--epochs", "1", *FP32]
     assert run_cli(train.main, train.get_args(argv)) == 0
     return run_dir
-
-
-# ----------------------------------------------------------------------------- terminal output
-
-def test_a_normal_run_prints_no_library_warnings_and_no_progress_frames(plain_run):
-    for name in ("train", "predict"):
-        result = plain_run[name]
-        assert "Warning" not in result.stderr, f"{name}.py:\n{result.stderr[-3000:]}"
-        assert "warn" not in result.stderr.lower(), f"{name}.py:\n{result.stderr[-3000:]}"
-        # Not on a terminal: no tqdm bars, whose frames are carriage returns.
-        assert "\r" not in result.stdout + result.stderr, f"{name}.py writes progress frames"
-    assert "Done." in plain_run["train"].stdout and "Outputs in" in plain_run["predict"].stdout
 
 
 # ----------------------------------------------------------------------------- deep supervision
