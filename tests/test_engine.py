@@ -26,8 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import predict  # noqa: E402
+import train  # noqa: E402
 import training  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from cli import run_cli  # noqa: E402
 from conftest import synthetic_case, write_case, write_dataset, write_nifti  # noqa: E402
 from dataset import (DataError, LoadValidated, augmentation, cached_dataset, find_cases, preprocessing,  # noqa: E402
                      voxel_volume_ml)
@@ -46,6 +49,16 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def explain(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+def in_process(main, get_args, argv: list[str], capsys) -> tuple[int, str, str]:
+    """A script's CLI without the interpreter start (its entry point returns the exit code):
+    (exit code, stdout, stderr). For runs whose output is the script's own prints and files; the
+    runs whose terminal output (log lines, one-line errors) is checked stay subprocesses."""
+    capsys.readouterr()
+    code = run_cli(main, get_args(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def digest(batch: dict) -> str:
@@ -268,11 +281,12 @@ def test_a_non_finite_step_is_skipped_and_the_next_finite_one_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_a_run_driven_to_nan_stops_in_one_line_and_its_best_pt_still_predicts(tmp_path):
+def test_a_run_driven_to_nan_stops_in_one_line_and_its_best_pt_still_predicts(tmp_path, capsys):
     root = write_dataset(tmp_path / "data", patients=(4, 5, 6, 7, 8), weeks=(0, 1))
     run_dir = tmp_path / "run"
-    result = run("train.py", "--data-root", str(root), "--out", str(run_dir), "--epochs", "1", *TINY)
-    assert result.returncode == 0, explain(result)
+    code, stdout, stderr = in_process(train.main, train.get_args, ["--data-root", str(root), "--out", str(run_dir),
+                                                                   "--epochs", "1", *TINY], capsys)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     best_bytes = (run_dir / "best.pt").read_bytes()
     # Weights thrown to 1e30: every forward pass of the next epoch overflows to NaN.
     state = load_checkpoint(run_dir / "last.pt")
@@ -285,9 +299,10 @@ def test_a_run_driven_to_nan_stops_in_one_line_and_its_best_pt_still_predicts(tm
     assert (run_dir / "best.pt").read_bytes() == best_bytes, "best.pt was replaced by a diverged model"
     assert load_checkpoint(run_dir / "last.pt")["end_reason"] == "diverged"
     out = tmp_path / "pred"
-    result = run("predict.py", "--checkpoint", str(run_dir / "best.pt"), "--data-root", str(root), "--split", "test",
-                 "--out", str(out), "--device", "cpu", "--no-figures")
-    assert result.returncode == 0, explain(result)
+    code, stdout, stderr = in_process(predict.main, predict.get_args, [
+        "--checkpoint", str(run_dir / "best.pt"), "--data-root", str(root), "--split", "test", "--out", str(out),
+        "--device", "cpu", "--no-figures"], capsys)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_cases"] == 2 and summary["per_class_dice"]["body"] is not None
 
@@ -314,7 +329,7 @@ def test_training_logs_its_steps_and_the_grid_of_each_figure(finished_run):
     assert {"train_seconds", "val_seconds", "skipped_steps"} <= set(header)
 
 
-def test_resuming_a_finished_run_trains_nothing_and_keeps_best_pt(finished_run):
+def test_resuming_a_finished_run_trains_nothing_and_keeps_best_pt(finished_run, capsys):
     run_dir = finished_run["run"]
     last = load_checkpoint(run_dir / "last.pt")
     with open(run_dir / "metrics.csv", newline="") as handle:
@@ -323,9 +338,9 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_best_pt(finished_run):
     best_epoch = 1 + int(np.argmax(scores))
     assert last["end_reason"] == ("early_stop" if len(scores) > best_epoch else "completed")
     best_bytes, metrics = (run_dir / "best.pt").read_bytes(), (run_dir / "metrics.csv").read_text()
-    result = run("train.py", "--out", str(run_dir), "--resume")
-    assert result.returncode == 0, explain(result)
-    assert "Nothing to train" in result.stdout, explain(result)
+    code, stdout, stderr = in_process(train.main, train.get_args, ["--out", str(run_dir), "--resume"], capsys)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert "Nothing to train" in stdout, stdout[-3000:] + stderr[-3000:]
     assert (run_dir / "best.pt").read_bytes() == best_bytes
     assert (run_dir / "metrics.csv").read_text() == metrics
 
@@ -344,7 +359,7 @@ def flags_from_fit(rule: dict, class_names: list[str]) -> set[tuple[str, str]]:
     return flagged
 
 
-def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_run, tmp_path):
+def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_run, tmp_path, capsys):
     run_dir, root = finished_run["run"], finished_run["root"]
     rule = json.loads((run_dir / "uncertainty.json").read_text())
     decision = json.loads((run_dir / "postprocessing.json").read_text())
@@ -352,18 +367,20 @@ def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_
                                 "score": "expected_dice_deficit"}
     class_names = ["background", "body", "bone", "bladder", "rectum", "prostate"]
     expected = flags_from_fit(rule, class_names)
-    result = run("predict.py", "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val",
-                 "--out", str(tmp_path / "val"), "--device", "cpu", "--no-figures")
-    assert result.returncode == 0, explain(result)
-    assert "refitted" not in result.stdout
+    code, stdout, stderr = in_process(predict.main, predict.get_args, [
+        "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val", "--out", str(tmp_path / "val"),
+        "--device", "cpu", "--no-figures"], capsys)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert "refitted" not in stdout
     summary = json.loads((tmp_path / "val" / "summary.json").read_text())
     assert {(f["case"], f["organ"]) for f in summary["flagged"]} == expected
     assert summary["review_rule"]["settings"] == rule["settings"]
 
-    result = run("predict.py", "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val",
-                 "--out", str(tmp_path / "val_tta"), "--device", "cpu", "--no-figures", "--tta")
-    assert result.returncode == 0, explain(result)
-    assert "so it is refitted on the members' validation volumes" in result.stdout, explain(result)
+    code, stdout, stderr = in_process(predict.main, predict.get_args, [
+        "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val", "--out", str(tmp_path / "val_tta"),
+        "--device", "cpu", "--no-figures", "--tta"], capsys)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert "so it is refitted on the members' validation volumes" in stdout, stdout[-3000:] + stderr[-3000:]
     summary = json.loads((tmp_path / "val_tta" / "summary.json").read_text())
     assert summary["review_rule"]["settings"]["tta"] is True
 
@@ -435,11 +452,17 @@ def test_a_data_root_above_two_datasets_is_named_as_such(tmp_path):
 
 
 @pytest.mark.parametrize("script,default", [("train.py", "(default: 0.25)"), ("predict.py", "(default: 0.5)")])
-def test_help_lists_the_defaults(script, default):
-    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
-                            timeout=60, env={**os.environ, "COLUMNS": "200"})
-    assert result.returncode == 0
-    options = result.stdout[result.stdout.index("options:"):]  # past the usage line, which names flags too
+def test_help_lists_the_defaults(script, default, monkeypatch, capsys):
+    """--help through the script's own parser, as ``python SCRIPT --help`` runs it (argparse prints
+    the help and exits 0), 200 columns wide."""
+    monkeypatch.setenv("COLUMNS", "200")
+    get_args = {"train.py": train.get_args, "predict.py": predict.get_args}[script]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        get_args(["--help"])
+    assert exited.value.code == 0
+    stdout = capsys.readouterr().out
+    options = stdout[stdout.index("options:"):]  # past the usage line, which names flags too
     overlap_help = options[options.index("\n  --overlap"):].split("\n  --")[1]
     assert default in " ".join(overlap_help.split()), overlap_help
 
