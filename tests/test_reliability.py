@@ -518,9 +518,14 @@ def read_losses(run_dir: Path) -> dict[str, list[float]]:
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(training_root, tmp_path_factory) -> Path:
+    """The reference run, through train.py's entry point in this process (one CPU thread, as the
+    subprocesses below: conftest sets OMP_NUM_THREADS=1 for both)."""
+    import train
+    from cli import run_cli
+
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    result = train_cli("--data-root", training_root, "--out", out, "--epochs", EPOCHS, *TINY)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert run_cli(train.main, train.get_args(["--data-root", str(training_root), "--out", str(out),
+                                               "--epochs", str(EPOCHS), *TINY])) == 0
     return out
 
 
