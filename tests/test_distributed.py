@@ -237,10 +237,12 @@ def test_torchrun_with_one_process_uses_the_process_group(tmp_path):
     assert "DDP check: weights identical on 1 ranks" in result.stdout, explain(result)
 
 
-def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step_and_resume_continues(ddp_run, tmp_path):
+def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step_and_resume_continues(ddp_run, tmp_path, capsys,
+                                                                                    monkeypatch):
     """SIGTERM goes to the launcher, which passes it on to both ranks; they agree to stop at the
     same step (no rank left waiting in a gradient all-reduce), exit cleanly well within torchrun's
-    grace period, keep an intact last.pt, and --resume continues the run."""
+    grace period, keep an intact last.pt, and --resume continues the run (single process, through
+    train.py's entry point in this process)."""
     assert ddp_run["result"].returncode == 0, explain(ddp_run["result"])
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "train.py",
@@ -269,8 +271,12 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step_and_resume_contin
     state = load_checkpoint(run_dir / "last.pt")  # intact: loads with weights_only=True
     done = int(state["epoch"])
     assert done >= 1 and [r["epoch"] for r in metrics_rows(run_dir / "metrics.csv")] == [str(e) for e in range(1, done + 1)]
-    resumed = run(["train.py", "--data-root", str(ddp_run["data"]), "--out", str(run_dir), "--resume",
-                   "--epochs", str(done + 1), "--workers", "0", "--device", "cpu"])
-    assert resumed.returncode == 0, explain(resumed)
-    assert f"after epoch {done}" in resumed.stdout
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    capsys.readouterr()
+    code = run_cli(train.main, train.get_args(["--data-root", str(ddp_run["data"]), "--out", str(run_dir), "--resume",
+                                               "--epochs", str(done + 1), "--workers", "0", "--device", "cpu"]))
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.out[-3000:] + resumed.err[-3000:]
+    assert f"after epoch {done}" in resumed.out
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == done + 1

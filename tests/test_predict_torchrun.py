@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
 import phantom  # noqa: E402
+import predict  # noqa: E402
 import train  # noqa: E402
 from cli import run_cli  # noqa: E402
 from conftest import run_in_process_group  # noqa: E402
@@ -39,19 +40,24 @@ def files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def test_two_processes_write_what_one_process_writes(tmp_path):
+def test_two_processes_write_what_one_process_writes(tmp_path, capsys):
+    """The single-process reference through predict.py's entry point in this process; the two
+    ranks under torchrun."""
     data = tmp_path / "data"
     phantom.write_phantom(data, patients=5, weeks=4, shape=(20, 18, 12), seed=0)  # 1 test patient: 4 cases
     run_dir = tmp_path / "run"
     assert run_cli(train.main, train.get_args(["--data-root", str(data), "--out", str(run_dir), *TINY])) == 0
     command = ["predict.py", "--checkpoint", str(run_dir), "--data-root", str(data), "--split", "test", "--device",
                "cpu", "--no-figures"]
-    single = run([*command, "--out", str(tmp_path / "single")])
+    capsys.readouterr()
+    code = run_cli(predict.main, predict.get_args([*command[1:], "--out", str(tmp_path / "single")]))
+    single = capsys.readouterr()
+    assert code == 0, f"exit {code}\n{single.out[-3000:]}\n{single.err[-3000:]}"
     double = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *command,
                   "--out", str(tmp_path / "double")])
     one, two = tmp_path / "single", tmp_path / "double"
 
-    assert "x 2 process(es)" in double.stdout and "x 1 process(es)" in single.stdout
+    assert "x 2 process(es)" in double.stdout and "x 1 process(es)" in single.out
     # Each rank predicted its two cases (progress goes to stderr, one line set per rank).
     assert double.stderr.count("predicting: 2 of 2 done") == 2, double.stderr[-3000:]
     assert json.loads((two / "predict_config.json").read_text())["processes"] == 2
