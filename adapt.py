@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptation import (GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
+from adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
                         evaluate_cases, file_sha256, fine_tune, grid_of, load_parent, mean_foreground,
                         patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
 from checkpoint import save_checkpoint
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", action="append", default=[], help="the contours of the --image in the same place")
     parser.add_argument("--out", help="with --checkpoint: the adapted run folder")
     parser.add_argument("--patients", nargs="+", help="with --choose-on-validation: only these validation patients")
-    parser.add_argument("--steps", type=int, help=f"training steps (default: RUN/{SETTINGS_FILE}'s, else 30)")
-    parser.add_argument("--lr", type=float, help=f"Adam learning rate (default: RUN/{SETTINGS_FILE}'s, else 3e-4)")
+    parser.add_argument("--steps", type=int, help=f"training steps (default: RUN/{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['steps']})")
+    parser.add_argument("--lr", type=float, help=f"Adam learning rate (default: RUN/{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['lr']:g})")
     parser.add_argument("--augment", choices=("on", "off"),
                         help=f"the parent's training augmentation, or crops only (default: RUN/{SETTINGS_FILE}'s, "
                         "else on)")
