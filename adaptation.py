@@ -36,10 +36,11 @@ from training import (Trainer, TrainingDiverged, epoch_seed, make_loss, seed_ran
                       training_loader)
 
 SETTINGS_FILE = "adaptation.json"  # in the parent run: the setting chosen on its validation patients
-# Without adaptation.json. On a validation patient of the phantom's demo model (adapted on week
-# 0, scored on weeks 0-2), 30 and 60 steps at 1e-3 first lowered the later weeks' Dice (Adam's
-# first steps move every weight by about the rate, whatever its gradient) and 120 steps raised it
-# above the parent's (mean foreground 0.812 -> 0.865); 3e-4 rose more slowly (0.838 at 120).
+# Without adaptation.json. Set from run_protocol on one validation patient of the phantom's demo
+# model (004, adapted on week 0, weeks 0-2 scored): at 1e-3, 30 and 60 steps first lowered the
+# later weeks' Dice (Adam's first steps move every weight by about the rate, whatever its
+# gradient) and 120 steps raised it above the parent's (mean foreground 0.812 -> 0.865); 3e-4
+# rose more slowly (0.838 at 120); 1e-5 and 3e-5 only lowered it over 40 steps.
 DEFAULT_SETTINGS = {"steps": 120, "lr": 1e-3, "augment": True}
 # The grid --choose-on-validation scores. The step counts are milestones of one fine-tuning per
 # (lr, augment), so the grid costs max(steps) steps per (patient, lr, augment), not their sum.
