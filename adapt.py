@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
-                        evaluate_cases, file_sha256, fine_tune, grid_of, load_parent, mean_foreground,
+                        evaluate_cases, fine_tune, grid_of, load_parent, mean_foreground,
                         patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
-from checkpoint import save_checkpoint
+from checkpoint import file_sha256, save_checkpoint
 from cli import run_cli
 from dataset import Case, DataError, case_id_from_path, find_cases
 from inference import resolve_device

@@ -14,7 +14,6 @@ grid, and the setting with the best mean foreground Dice wins. Test patients nev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -70,14 +69,6 @@ def load_parent(path: str | Path) -> Parent:
     file = checkpoint_path(path)
     member = load_members([file])[0]
     return Parent(member, load_checkpoint(file))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def settings_for(parent_run: Path, overrides: dict) -> tuple[dict, str]:

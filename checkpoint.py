@@ -3,6 +3,7 @@ own ``model_args`` so prediction needs no flags about the network."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -147,3 +148,13 @@ def model_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> Impro
     except (TypeError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path}: weights do not fit ImprovedUNet3D ({torch_reason(error)})") from None
     return model
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks: what a bundle or an adapted run records of
+    the checkpoint it came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -30,7 +30,6 @@ import argparse
 import ast
 import builtins
 import graphlib
-import hashlib
 import importlib
 import inspect
 import json
@@ -48,7 +47,7 @@ import torch
 
 import dataset
 from bundle_scripts import components
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, file_sha256, load_checkpoint
 from cli import run_cli
 from dataset import DataError
 from inference import ONNX_OPSET, TRACE_SHAPE, Member, export_onnx, load_members, postprocessing_for, quiet_tracing
@@ -437,14 +436,6 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def git_commit() -> str | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
@@ -523,7 +514,7 @@ def metadata(members: Sequence[Member], states: Sequence[dict], class_names: Seq
                            "rule": postprocessing.get("rule"), "source": postprocessing.get("source")},
         "training": {
             "data_root": data_roots[0] if len(data_roots) == 1 else data_roots,
-            "checkpoints": [{"path": m.path, "sha256": sha256(m.path), "epoch": s.get("epoch"),
+            "checkpoints": [{"path": m.path, "sha256": file_sha256(m.path), "epoch": s.get("epoch"),
                              "best_validation_mean_foreground_dice": s.get("best_metric"),
                              "split": m.split, "model_args": m.model_args} for m, s in zip(members, states)],
             "exported_from_commit": git_commit(),
