@@ -35,8 +35,8 @@ from metrics import json_ready, nan_mean, print_table, summarise, write_rows
 from progress import progress
 from report import write_report
 from segmenter import ENGINES, Segmenter
-from uncertainty import (fit_from_volumes, flag_case, rank_correlation, review_settings, voxel_error_auroc,
-                         write_uncertainty)
+from uncertainty import (describe_held_out, fit_from_volumes, flag_case, rank_correlation, review_settings,
+                         voxel_error_auroc, write_uncertainty)
 
 
 def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -234,6 +234,7 @@ def review_rule_for(members, class_names: Sequence[str], settings: dict, segment
     rule = fit_from_volumes(volumes, class_names)
     rule["source"] = files
     rule["settings"] = settings
+    print(f"Review rule: {describe_held_out(rule['held_out'])}.", flush=True)
     return rule
 
 
@@ -266,7 +267,8 @@ def revalidate(members, class_names: Sequence[str], settings: dict, segmenter: S
                           amp=segmenter.amp_dtype is not None)
         for case in progress(cases, f"refitting the review rule on {Path(member.path).parent.name}'s validation"):
             result = alone.evaluate(case.image, target=load_source(case.label)[0], hd95=False)
-            records.append({"case": case.case_id, "uncertainty": result["uncertainty"], "dice": result["dice"]})
+            records.append({"case": case.case_id, "patient": case.patient, "uncertainty": result["uncertainty"],
+                            "dice": result["dice"]})
     return records
 
 
@@ -531,7 +533,7 @@ def main(args: argparse.Namespace) -> dict:
     summary["tta"] = args.tta
     summary["review_rule"] = ("none: a member's run has no uncertainty.json" if rule is None
                               else {"rule": rule["rule"], "score": rule["score"], "source": rule["source"],
-                                    "settings": rule["settings"]})
+                                    "settings": rule["settings"], "held_out": rule["held_out"]})
     summary["flagged"] = [{"case": r["case"].case_id, "organ": f["organ"], "score": f["score"],
                            "threshold": f["threshold"], "reason": f["reason"]} for r in results for f in r["flags"]]
     if series_by_case:
@@ -549,7 +551,8 @@ def main(args: argparse.Namespace) -> dict:
         run_figures = ["figures/dice_boxplot.png"]
     write_report(out, [r["report"] for r in results], summary if labelled else None, class_names,
                  title=f"Prediction report: {len(results)} volume(s), {len(members)} model(s)", run_figures=run_figures,
-                 skipped=[s.as_dict() for s in skipped], warnings=warnings, longitudinal=longitudinal)
+                 skipped=[s.as_dict() for s in skipped], warnings=warnings, longitudinal=longitudinal,
+                 review_rule=summary["review_rule"] if isinstance(summary["review_rule"], dict) else None)
     if labelled:
         print_table(summary, class_names)
     flagged_cases = sorted({f["case"] for f in summary["flagged"]})

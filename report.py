@@ -88,7 +88,7 @@ table.weeks td.flagged span.change { color: #222; }
 def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | None, class_names: Sequence[str],
                  title: str = "Prediction report", run_figures: Sequence[str | Path] = (),
                  skipped: Sequence[dict] = (), warnings: Sequence[str] = (),
-                 longitudinal: dict | None = None) -> Path:
+                 longitudinal: dict | None = None, review_rule: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
     ``cases``: one dict per predicted case::
@@ -120,7 +120,9 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
     ``{"folder", "series", "reason"}``; ``warnings``: lines the reader must see first (a series
     of a modality the model was not trained on). ``longitudinal``: longitudinal.write_longitudinal's
     dict (``rows`` of longitudinal.csv, ``volume_change``, ``figures`` {patient: PNG}); each
-    patient gets a section with its figure and a table of its weeks.
+    patient gets a section with its figure and a table of its weeks. ``review_rule``: summary.json's
+    ``review_rule`` (None where no rule applies); its ``held_out`` rate is shown beside the flag
+    count, so a reader can tell a rule that is always on from cases less certain than validation's.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,7 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
              f"<title>{_text(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
              f"<h1>{_text(title)}</h1>"]
     parts += [f'<p class="warning"><strong>Warning:</strong> {_text(line)}</p>' for line in warnings]
-    parts += _overview(out_dir, ordered, summary, has_labels, anchors)
+    parts += _overview(out_dir, ordered, summary, has_labels, anchors, review_rule)
     parts += _patients_line(longitudinal)
     parts += _class_table(ordered, summary, foreground, colours, has_labels)
     if run_figures:
@@ -180,10 +182,16 @@ def sort_cases(cases: Sequence[dict], foreground: Sequence[str], has_labels: boo
 
 # ----------------------------------------------------------------------------- page sections
 
-def _overview(out_dir: Path, cases, summary, has_labels, anchors) -> list[str]:
+def _overview(out_dir: Path, cases, summary, has_labels, anchors, review_rule) -> list[str]:
     flagged = [case for case in cases if case.get("flags")]
     lines = [f"<p>{len(cases)} case(s), {'with' if has_labels else 'without'} labels; "
              f"<strong>{len(flagged)}</strong> flagged for review.</p>"]
+    held_out = review_rule.get("held_out") if isinstance(review_rule, dict) else None
+    if held_out:
+        lines.append(f'<p class="note">A flag: an organ the model is less sure of than of that organ on its typical '
+                     f'validation case. On validation {held_out["held_out"]}s it was not fitted on, the rule flags '
+                     f'{held_out["n_flagged_volumes"]} of {held_out["n_volumes"]} volume(s) '
+                     f'({held_out["n_flagged_organs"]} of {held_out["n_organs"]} organs).</p>')
     if summary and summary.get("checkpoint"):
         lines.append(f'<p class="note">Checkpoint: <span class="mono">{_text(summary["checkpoint"])}</span></p>')
     if summary and _finite(summary.get("mean_foreground_dice")):

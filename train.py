@@ -47,7 +47,7 @@ from modules import ImprovedUNet3D, count_parameters
 from progress import progress as report_progress
 from training import (Trainer, TrainingDiverged, compute_loss, divergence_message, epoch_seed, make_loss,
                       parameters_finite, seed_random_generators, training_loader)
-from uncertainty import fit_from_volumes, review_settings
+from uncertainty import describe_held_out, fit_from_volumes, review_settings
 
 DEFAULT_PHANTOM = Path("data/phantom")
 # Settings a resumed run may take from the new command line: where things are and how to run,
@@ -588,7 +588,7 @@ def final_validation(args, context: Context, model: Model, data: Data) -> list[d
         target = load_source(case.label)[0]
         result = evaluate_volume(probabilities, item["image"], read_nifti_header(case.image), data.class_names,
                                  target=target, alternatives=True)
-        records.append({"case": case.case_id, **{key: result[key] for key in (
+        records.append({"case": case.case_id, "patient": case.patient, **{key: result[key] for key in (
             "dice", "hd95", "uncertainty", "dice_lcc", "hd95_lcc", "uncertainty_lcc")}})
     return gather_lists(records, context)
 
@@ -742,12 +742,13 @@ def write_validation_fits(run_dir: Path, records: list[dict], class_names: list[
     selected = [with_postprocessing(r, kept, class_names) for r in records]
     rule = fit_from_volumes(selected, class_names)
     rule["settings"] = review_settings(tta=False, overlap=PREDICTION_OVERLAP, largest_component=kept)
-    rule["volumes"] = [{key: r[key] for key in ("case", "uncertainty", "dice", "hd95")} for r in selected]
+    rule["volumes"] = [{key: r[key] for key in ("case", "patient", "uncertainty", "dice", "hd95")} for r in selected]
     (run_dir / "uncertainty.json").write_text(json.dumps(json_ready(rule), indent=2) + "\n")
     dice = np.array([r["dice"] for r in selected], dtype=float).reshape(-1, len(class_names))
     print(f"Final validation of best.pt on {len(records)} volume(s), each on its source grid with the decided "
           f"post-processing (largest connected component kept for {', '.join(kept) or 'no organ'}): "
           + " ".join(f"{n} {nan_mean(dice[:, c]):.3f}" for c, n in enumerate(class_names) if c > 0), flush=True)
+    print(f"Review rule (uncertainty.json): {describe_held_out(rule['held_out'])}", flush=True)
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -255,10 +255,62 @@ def review_settings(tta: bool, overlap: float, largest_component: Sequence[str])
 
 def fit_from_volumes(volumes: Sequence[dict], class_names: Sequence[str]) -> dict:
     """``fit_flag_thresholds`` on validation volume records ``{"uncertainty": [C], "dice": [C]}``
-    (as training stores them in uncertainty.json; null for NaN)."""
+    (as training stores them in uncertainty.json; null for NaN), with ``held_out``: how often the
+    rule flags validation volumes it was not fitted on (``held_out_flags``)."""
+    scores, dice = _volume_arrays(volumes, class_names)
+    rule = fit_flag_thresholds(scores, dice, class_names)
+    rule["held_out"] = held_out_flags(volumes, class_names)
+    return rule
+
+
+def held_out_flags(volumes: Sequence[dict], class_names: Sequence[str]) -> dict | None:
+    """How often the review rule flags a volume like the validation ones that it was not fitted on:
+    each validation patient's volumes flagged by the rule fitted on the other validation patients'
+    volumes (each volume by the rule fitted on the others where the records name no patient, as in
+    an uncertainty.json of an older version; later weeks of the same patient would then share the
+    fit). The flag rate on the fitted volumes themselves says little, since the thresholds were
+    placed among them; this is the rate to expect on new patients like the validation ones, so a
+    rule that flags most of these is a rule that is always on. None with fewer than two patients.
+
+    Returns ``{"held_out": "patient" | "volume", "n_volumes", "n_flagged_volumes", "n_organs",
+    "n_flagged_organs", "flagged": [{"case", "organ", "dice"}]}``: ``n_organs`` counts the organs
+    scored (predicted) in the held-out volumes; ``dice`` lets a reader see whether the flagged ones
+    were the poor ones."""
+    if not all(v.get("patient") for v in volumes):
+        groups, unit = list(range(len(volumes))), "volume"
+    else:
+        groups, unit = [v["patient"] for v in volumes], "patient"
+    if len(set(groups)) < 2:
+        return None
+    scores, dice = _volume_arrays(volumes, class_names)
+    groups = np.array(groups)
+    result = {"held_out": unit, "n_volumes": len(volumes), "n_flagged_volumes": 0,
+              "n_organs": int(np.isfinite(scores[:, 1:]).sum()), "n_flagged_organs": 0, "flagged": []}
+    for group in dict.fromkeys(groups.tolist()):
+        held = groups == group
+        rule = fit_flag_thresholds(scores[~held], dice[~held], class_names)
+        for index in np.flatnonzero(held):
+            flags = flag_case(scores[index], rule, class_names)
+            result["n_flagged_volumes"] += bool(flags)
+            result["n_flagged_organs"] += len(flags)
+            result["flagged"] += [{"case": volumes[index].get("case"), "organ": f["organ"],
+                                   "dice": float(dice[index, class_names.index(f["organ"])])} for f in flags]
+    return result
+
+
+def describe_held_out(held_out: dict | None) -> str:
+    """One line for the logs: how often the rule flags held-out validation volumes."""
+    if held_out is None:
+        return "fewer than two validation patients, so no held-out flag rate"
+    return (f"it flags {held_out['n_flagged_volumes']} of {held_out['n_volumes']} validation volume(s) "
+            f"({held_out['n_flagged_organs']} of {held_out['n_organs']} organs), each fitted without that "
+            f"{held_out['held_out']}")
+
+
+def _volume_arrays(volumes: Sequence[dict], class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     scores = np.array([v["uncertainty"] for v in volumes], dtype=float).reshape(-1, len(class_names))
     dice = np.array([v["dice"] for v in volumes], dtype=float).reshape(-1, len(class_names))
-    return fit_flag_thresholds(scores, dice, class_names)
+    return scores, dice
 
 
 def _youden_threshold(organ_scores: np.ndarray, poor: np.ndarray) -> float | None:

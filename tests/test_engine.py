@@ -375,6 +375,12 @@ def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_
     summary = json.loads((tmp_path / "val" / "summary.json").read_text())
     assert {(f["case"], f["organ"]) for f in summary["flagged"]} == expected
     assert summary["review_rule"]["settings"] == rule["settings"]
+    # the stored volumes name their patient, for the held-out flag rate (each validation patient against the
+    # rule fitted on the others); this run has one validation patient, so there is none, and the log says so
+    split = json.loads((run_dir / "splits.json").read_text())
+    assert split["val"] == ["004"] and {v["patient"] for v in rule["volumes"]} == {"004"}
+    assert rule["held_out"] is None and summary["review_rule"]["held_out"] is None
+    assert "Review rule: fewer than two validation patients, so no held-out flag rate." in stdout
 
     code, stdout, stderr = in_process(predict.main, predict.get_args, [
         "--checkpoint", str(run_dir), "--data-root", str(root), "--split", "val", "--out", str(tmp_path / "val_tta"),

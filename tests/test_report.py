@@ -412,3 +412,16 @@ def test_rtstruct_and_seg_of_a_case_are_linked(tmp_path):
         assert (seg in references) == ("seg_path" in case)
     text = path.read_text(encoding="utf-8")
     assert text.count("RTSTRUCT: <a ") == 2 and text.count("DICOM-SEG: <a ") == 1
+
+
+def test_the_held_out_flag_rate_stands_beside_the_flag_count(tmp_path):
+    out_dir, cases, summary = make_run(tmp_path)
+    rule = {"held_out": {"held_out": "patient", "n_volumes": 6, "n_flagged_volumes": 2, "n_organs": 30,
+                         "n_flagged_organs": 3, "flagged": []}}
+    text = write_report(out_dir, cases, summary, CLASS_NAMES, review_rule=rule).read_text(encoding="utf-8")
+    assert ("On validation patients it was not fitted on, the rule flags 2 of 6 volume(s) (3 of 30 organs)."
+            in text)
+    # no rule, or one without a held-out rate (one validation patient): no such line
+    for no_rate in (None, {"held_out": None}):
+        text = write_report(out_dir, cases, summary, CLASS_NAMES, review_rule=no_rate).read_text(encoding="utf-8")
+        assert "it was not fitted on" not in text

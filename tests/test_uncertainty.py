@@ -19,9 +19,9 @@ from sklearn.metrics import roc_curve
 from evaluation import evaluate_volume, with_postprocessing
 from figures import save_uncertainty_figure
 from monai.data import MetaTensor
-from uncertainty import (REVIEW_MARGIN, SCORE_NAME, UNCERTAINTY_SLOPE, expected_dice_deficit, fit_flag_thresholds,
-                         fit_from_volumes, flag_case, normalised_entropy, organ_uncertainty, rank_correlation,
-                         review_settings, voxel_error_auroc, write_uncertainty)
+from uncertainty import (REVIEW_MARGIN, SCORE_NAME, UNCERTAINTY_SLOPE, describe_held_out, expected_dice_deficit,
+                         fit_flag_thresholds, fit_from_volumes, flag_case, held_out_flags, normalised_entropy,
+                         organ_uncertainty, rank_correlation, review_settings, voxel_error_auroc, write_uncertainty)
 
 CLASS_NAMES = ("background", "body", "bladder")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -390,6 +390,47 @@ def test_an_organ_predicted_in_every_validation_case_is_flagged_when_missing():
     flags = flag_case(np.array([np.nan, np.nan, np.nan]), rule, CLASS_NAMES)
     assert flags == [{"organ": "bladder", "score": None, "threshold": rule["organs"]["bladder"]["threshold"],
                       "reason": "not predicted"}]
+
+
+def bladder_records(patients_and_scores, with_patients=True):
+    """Validation records with only the bladder (index 2) scored; Dice 0.9 except where the score is 0.40."""
+    records = []
+    for patient, scores in patients_and_scores:
+        for week, score in enumerate(scores):
+            record = {"case": f"Case_{patient}_Week{week}", "uncertainty": [None, None, score],
+                      "dice": [None, None, 0.6 if score == 0.40 else 0.9]}
+            if with_patients:
+                record["patient"] = patient
+            records.append(record)
+    return records
+
+
+def test_held_out_flags_fit_each_validation_patient_on_the_others():
+    # patient 001 held out: fitted on 002 alone, median 0.21 + 0.05 = 0.26, so 0.40 is flagged and 0.20, 0.21
+    # are not; 002 held out: fitted on 001, median 0.21, threshold 0.26: 0.20, 0.21, 0.22 are not flagged
+    held_out = held_out_flags(bladder_records([("001", [0.20, 0.21, 0.40]), ("002", [0.20, 0.21, 0.22])]),
+                              CLASS_NAMES)
+    assert held_out == {"held_out": "patient", "n_volumes": 6, "n_flagged_volumes": 1, "n_organs": 6,
+                        "n_flagged_organs": 1, "flagged": [{"case": "Case_001_Week2", "organ": "bladder", "dice": 0.6}]}
+    assert describe_held_out(held_out) == ("it flags 1 of 6 validation volume(s) (1 of 6 organs), each fitted "
+                                           "without that patient")
+
+
+def test_held_out_flags_by_patient_keep_a_patient_s_weeks_out_of_its_own_fit():
+    # patient 002 is less certain in all four weeks. Held out by patient: fitted on 001 (median 0.205, threshold
+    # 0.255) all four are flagged. Held out one volume at a time, its other weeks stay in the fit (median of
+    # 0.20, 0.21 and three of 0.30..0.33 is >= 0.30, threshold >= 0.35): none is.
+    patients = [("001", [0.20, 0.21]), ("002", [0.30, 0.31, 0.32, 0.33])]
+    by_patient = held_out_flags(bladder_records(patients), CLASS_NAMES)
+    by_volume = held_out_flags(bladder_records(patients, with_patients=False), CLASS_NAMES)
+    assert (by_patient["held_out"], by_patient["n_flagged_volumes"]) == ("patient", 4)
+    assert {f["case"] for f in by_patient["flagged"]} == {f"Case_002_Week{w}" for w in range(4)}
+    assert (by_volume["held_out"], by_volume["n_flagged_volumes"], by_volume["flagged"]) == ("volume", 0, [])
+    # one patient: nothing to hold out
+    assert held_out_flags(bladder_records([("001", [0.20, 0.21, 0.22])]), CLASS_NAMES) is None
+    assert "no held-out flag rate" in describe_held_out(None)
+    # the fit stores it, for uncertainty.json and summary.json
+    assert fit_from_volumes(bladder_records(patients), CLASS_NAMES)["held_out"] == by_patient
 
 
 # ----------------------------------------------------------------------------- measures
