@@ -350,11 +350,13 @@ def write_dicom_outputs(labels: np.ndarray, series, formats: Sequence[str], clas
         report_entry["seg_path"] = path.name
 
 
-def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str]) -> dict:
+def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str], rule: dict | None = None) -> dict:
     """How well the uncertainty tracks errors on labelled cases: voxel AUROC (wrong vs right voxels
     inside the body), Spearman's rank correlation of organ scores with Dice (negative: more
-    uncertain, lower Dice), and how many flagged and unflagged organs have a Dice below that organ's
-    median over these cases."""
+    uncertain, lower Dice), and the flags' precision and recall against two meanings of a poor
+    organ: Dice below that organ's median over these cases, and (with ``rule``, whose organs carry
+    their validation ``dice_median``) Dice below its median on the validation volumes the rule was
+    fitted on, which is the question a flag asks ("worse than on validation?")."""
     auroc = np.array([r["voxel_auroc"] for r in labelled], dtype=float)
     scores = np.array([r["scores"] for r in labelled], dtype=float)[:, 1:]
     dice = np.array([r["dice"] for r in labelled], dtype=float)[:, 1:]
@@ -362,17 +364,32 @@ def evaluate_uncertainty(labelled: list[dict], class_names: Sequence[str]) -> di
     medians = np.array([np.median(column[np.isfinite(column)]) if np.isfinite(column).any() else np.nan
                         for column in dice.T])
     below = dice < medians[None, :]
-    return {"voxel_auroc_mean": nan_mean(auroc), "voxel_auroc_min": float(np.nanmin(auroc)) if np.isfinite(auroc).any()
-            else None, "organ_score_dice_spearman": rank_correlation(scores, dice),
-            "organ_score_dice_spearman_per_class": {name: rank_correlation(scores[:, c], dice[:, c])
-                                                    for c, name in enumerate(class_names[1:])},
-            "flagged_organs": int(flagged.sum()), "flagged_organs_below_median_dice": int((flagged & below).sum()),
-            "unflagged_organs": int((~flagged).sum()),
-            "unflagged_organs_below_median_dice": int((~flagged & below).sum()),
-            # flags against "Dice below the organ's median over these cases": how many flags point at
-            # a poor organ (precision), how many poor organs are flagged (recall)
-            "flag_precision": float((flagged & below).sum() / flagged.sum()) if flagged.any() else None,
-            "flag_recall": float((flagged & below).sum() / below.sum()) if below.any() else None}
+    evaluation = {
+        "voxel_auroc_mean": nan_mean(auroc),
+        "voxel_auroc_min": float(np.nanmin(auroc)) if np.isfinite(auroc).any() else None,
+        "organ_score_dice_spearman": rank_correlation(scores, dice),
+        "organ_score_dice_spearman_per_class": {name: rank_correlation(scores[:, c], dice[:, c])
+                                                for c, name in enumerate(class_names[1:])},
+        "flagged_organs": int(flagged.sum()), "flagged_organs_below_median_dice": int((flagged & below).sum()),
+        "unflagged_organs": int((~flagged).sum()), "unflagged_organs_below_median_dice": int((~flagged & below).sum()),
+        # flags against "Dice below the organ's median over these cases": how many flags point at
+        # a poor organ (precision), how many poor organs are flagged (recall)
+        **precision_recall(flagged, below, "")}
+    organs = (rule or {}).get("organs", {})
+    validation_medians = [(organs.get(name) or {}).get("dice_median") for name in class_names[1:]]
+    if rule is not None and all(m is not None for m in validation_medians):
+        below_validation = dice < np.array(validation_medians, dtype=float)[None, :]
+        evaluation["organs_below_validation_median_dice"] = int(below_validation.sum())
+        evaluation.update(precision_recall(flagged, below_validation, "_vs_validation"))
+    return evaluation
+
+
+def precision_recall(flagged: np.ndarray, poor: np.ndarray, suffix: str) -> dict:
+    """``flag_precision``/``flag_recall`` (+ suffix): the share of flags on poor organs, and of poor organs
+    flagged; None where there is no flag, or no poor organ."""
+    hits = int((flagged & poor).sum())
+    return {f"flag_precision{suffix}": hits / int(flagged.sum()) if flagged.any() else None,
+            f"flag_recall{suffix}": hits / int(poor.sum()) if poor.any() else None}
 
 
 @dataclass
@@ -528,7 +545,7 @@ def main(args: argparse.Namespace) -> dict:
     else:
         summary = {"n_cases": 0, "checkpoint": checkpoint, "postprocessing": applied}
     if labelled:
-        summary["uncertainty_evaluation"] = evaluate_uncertainty(labelled, class_names)
+        summary["uncertainty_evaluation"] = evaluate_uncertainty(labelled, class_names, rule)
     summary["n_predicted"] = len(results)
     summary["tta"] = args.tta
     summary["review_rule"] = ("none: a member's run has no uncertainty.json" if rule is None

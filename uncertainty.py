@@ -204,6 +204,7 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
     Returns a JSON-able dict (no NaN): the rule in words, ``n_cases``, ``margin``, and per
     foreground organ ``threshold``, ``method`` ("youden", "margin", or "none" with no threshold
     for an organ never predicted on validation), ``median`` (of its validation scores),
+    ``dice_median`` (of its validation Dice: what "worse than validation" is measured against),
     ``n_scored``, ``n_poor``, ``poor_dice_below``, ``sensitivity``, ``specificity`` and
     ``youden_j`` on the validation cases (None where not defined), and ``expected`` (predicted
     in every validation case, so a case where it is absent is flagged).
@@ -219,11 +220,13 @@ def fit_flag_thresholds(scores: np.ndarray, dice: np.ndarray, class_names: Seque
             continue
         organ_scores, organ_dice = scores[:, c], dice[:, c]
         scored = np.isfinite(organ_scores) & np.isfinite(organ_dice)
-        fit = {"median": None, "n_scored": int(scored.sum()), "n_poor": None, "poor_dice_below": None,
+        fit = {"median": None, "dice_median": None, "n_scored": int(scored.sum()), "n_poor": None,
+               "poor_dice_below": None,
                "sensitivity": None, "specificity": None, "youden_j": None,
                "expected": bool(scores.shape[0] > 0 and np.isfinite(organ_scores).all())}
         if scored.any():
             fit["median"] = float(np.median(organ_scores[scored]))
+            fit["dice_median"] = float(np.median(organ_dice[scored]))
             poor_dice_below = float(np.quantile(organ_dice[scored], poor_quantile))
             poor = organ_dice[scored] < poor_dice_below
             fit["poor_dice_below"], fit["n_poor"] = poor_dice_below, int(poor.sum())

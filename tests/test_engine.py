@@ -486,3 +486,12 @@ def test_flag_precision_and_recall_are_counted_against_the_organ_median_by_hand(
     # flagged: bone@1 (below), body@2 (below), bone@3 (not): precision 2/3; 4 below, 2 flagged: recall 1/2
     assert evaluation["flag_precision"] == pytest.approx(2 / 3)
     assert evaluation["flag_recall"] == pytest.approx(0.5)
+    assert "flag_precision_vs_validation" not in evaluation  # no rule, so no validation medians
+    # against the validation medians the rule stores: body 0.85 (below: cases 1, 2, 3), bone 0.55 (below: case 0)
+    rule = {"organs": {"body": {"dice_median": 0.85}, "bone": {"dice_median": 0.55}}}
+    evaluation = predict.evaluate_uncertainty(records, names, rule)
+    # flagged: bone@1 (0.6, not below), body@2 (below), bone@3 (not): precision 1/3; 4 below, 1 flagged: 1/4
+    assert evaluation["organs_below_validation_median_dice"] == 4
+    assert evaluation["flag_precision_vs_validation"] == pytest.approx(1 / 3)
+    assert evaluation["flag_recall_vs_validation"] == pytest.approx(0.25)
+    assert evaluation["flag_precision"] == pytest.approx(2 / 3)  # the test-median figures are unchanged

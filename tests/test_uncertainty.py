@@ -367,6 +367,7 @@ def test_too_few_cases_fall_back_to_the_median_plus_margin():
     assert rule["margin"] == REVIEW_MARGIN == 0.05
     assert body["method"] == "margin" and body["n_scored"] == 5
     assert body["threshold"] == pytest.approx(0.35)  # 0.1 .. 0.5: median 0.3, plus 0.05
+    assert body["dice_median"] == pytest.approx(0.97)  # 0.99 .. 0.95, what predict.py's "worse than validation" uses
     assert flag_case(np.array([np.nan, 0.36, np.nan]), {"organs": {"body": body}}, CLASS_NAMES)[0]["organ"] == "body"
     # within the margin of the typical validation case: no flag
     assert flag_case(np.array([np.nan, 0.34, np.nan]), {"organs": {"body": body}}, CLASS_NAMES) == []
