@@ -50,6 +50,9 @@ from training import (Trainer, TrainingDiverged, compute_loss, divergence_messag
 from uncertainty import describe_held_out, fit_from_volumes, review_settings
 
 DEFAULT_PHANTOM = Path("data/phantom")
+# A log gets a training or validation progress line once a pass has run this long, then this often:
+# the demo's passes (seconds) stay silent, the defaults' on a CPU (minutes) do not.
+EPOCH_QUIET_S = 60.0
 # Settings a resumed run may take from the new command line: where things are and how to run,
 # not what is trained. Every other setting comes back from the checkpoint.
 OPERATIONAL_FLAGS = {"out", "resume", "debug", "workers", "device", "data_root", "explicit", "deterministic"}
@@ -518,7 +521,8 @@ def train_one_epoch(args, context: Context, model: Model, loader, stop: StopRequ
     sums = torch.zeros(3 + 3 * num_classes, dtype=torch.float64)  # loss sum, steps, skipped, tp/fp/fn per class
     outcome = {"loss": math.nan, "dice": np.full(num_classes, np.nan), "skipped": 0, "completed": False,
                "diverged": False}
-    for batch in report_progress(loader, "train", enabled=context.is_main and sys.stderr.isatty()):
+    for batch in report_progress(loader, "train", enabled=context.is_main, quiet_for_s=EPOCH_QUIET_S,
+                                 interval_s=EPOCH_QUIET_S):
         if agree_to_stop(stop.requested, context):
             return outcome
         images = batch["image"].to(device, non_blocking=True).as_tensor()
@@ -556,7 +560,9 @@ def validate(args, context: Context, model: Model, data: Data) -> dict:
     model.model.eval()
     num_classes = len(data.class_names)
     results = []
-    for index in range(context.rank, len(data.val_cache), context.world_size):
+    indices = range(context.rank, len(data.val_cache), context.world_size)
+    for index in report_progress(indices, "validation", enabled=context.is_main, quiet_for_s=EPOCH_QUIET_S,
+                                 interval_s=EPOCH_QUIET_S):
         item = data.val_cache[index]
         label = item["label"][None].to(context.device).as_tensor()
         probabilities = predict_probabilities(model.model, item["image"][None], args.roi_size, args.overlap, False,
