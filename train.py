@@ -773,7 +773,7 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
     print("3D Improved UNet training")
     for key, value in plain_config(args).items():
         print(f"  {key:<18} {value}")
-    print(f"  {'device':<18} {context.device} x {context.world_size} process(es)")
+    print(f"  {'running on':<18} {context.device} x {context.world_size} process(es)")
     print(f"  {'precision':<18} {amp_dtype if amp_dtype else 'float32'}")
     print(f"  {'validation':<18} per epoch on the preprocessed grid (overlap {args.overlap}); best.pt's final "
           f"validation on each volume's source grid (overlap {PREDICTION_OVERLAP}), as predict.py reports")
