@@ -53,6 +53,7 @@ DEFAULT_PHANTOM = Path("data/phantom")
 # A log gets a training or validation progress line once a pass has run this long, then this often:
 # the demo's passes (seconds) stay silent, the defaults' on a CPU (minutes) do not.
 EPOCH_QUIET_S = 60.0
+DEFAULT_CHANNELS = (32, 64, 128, 256)
 # Settings a resumed run may take from the new command line: where things are and how to run,
 # not what is trained. Every other setting comes back from the checkpoint.
 OPERATIONAL_FLAGS = {"out", "resume", "debug", "workers", "device", "data_root", "explicit", "deterministic"}
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "turned into a spacing from the median training field of view)")
     parser.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                         help="random training crop and sliding-window size in voxels (default: whole volumes)")
-    parser.add_argument("--channels", type=int, nargs=4, default=(32, 64, 128, 256),
+    parser.add_argument("--channels", type=int, nargs=4, default=DEFAULT_CHANNELS,
                         help="widths of the four resolution steps (bottleneck: twice the last)")
     parser.add_argument("--dropout", type=float, default=0.0, help="Dropout3d probability in every block")
     parser.add_argument("--deep-supervision", action="store_true", help="extra losses on two lower decoder levels")
@@ -780,6 +781,11 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
     print(f"  {'patients':<18} train {len(split['train'])} ({n_train} volumes), val {len(split['val'])} "
           f"({n_val} volumes), test {len(split['test'])}")
     print("=" * 72, flush=True)
+    if context.device.type == "cpu" and args.patch_size is None and tuple(args.channels) == DEFAULT_CHANNELS:
+        print("note: the default sizes (whole volumes, widths 32-64-128-256) are for a GPU; one epoch of them on the "
+              "phantom took 632 s on a 2-core CPU. On a CPU use the README's demo settings (--spatial-size 96 96 48 "
+              "--patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12: about 30 s an epoch).",
+              flush=True)
 
 
 if __name__ == "__main__":

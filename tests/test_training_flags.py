@@ -537,3 +537,19 @@ def test_patience_one_stops_after_the_first_epoch_without_improvement(single_wee
     assert "Early stopping" in stdout and "(early stop)" in stdout
     last = load(run_dir / "last.pt")
     assert last["epoch"] == 2 and last["epochs_without_improvement"] == 1 and last["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("argv, noted", [([], True), (["--patch-size", "64", "64", "32"], False),
+                                         (["--channels", "16", "32", "64", "128"], False)])
+def test_the_banner_points_a_cpu_run_at_the_default_sizes_to_the_demo_settings(argv, noted, capsys):
+    split = {"train": ["006"], "val": ["004"], "test": ["005"]}
+    args = train.get_args(["--out", "unused", *argv])
+    args.spacing_source, args.roi_size = "given", None
+    train.print_banner(args, train.Context(torch.device("cpu")), split, 3, 3)
+    out = capsys.readouterr().out
+    assert ("note: the default sizes (whole volumes, widths 32-64-128-256) are for a GPU" in out) is noted, out
+    if noted:
+        assert "--spatial-size 96 96 48 --patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12" in out
+    # on a GPU the defaults are what to use: no note
+    train.print_banner(args, train.Context(torch.device("cuda", 0)), split, 3, 3)
+    assert "note: the default sizes" not in capsys.readouterr().out
