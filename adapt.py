@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help=f"Adam learning rate (default: RUN/{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['lr']:g})")
     parser.add_argument("--augment", choices=("on", "off"),
                         help=f"the parent's training augmentation, or crops only (default: RUN/{SETTINGS_FILE}'s, "
-                        "else on)")
+                        f"else {'on' if DEFAULT_SETTINGS['augment'] else 'off'})")
     parser.add_argument("--steps-grid", type=int, nargs="+", default=list(GRID_STEPS),
                         help="with --choose-on-validation: the step counts scored (0: the parent)")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=list(GRID_LR),
@@ -225,13 +225,20 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
         raise DataError(f"{path}: already exists; pass --overwrite to replace it")
 
 
-def choose(args: argparse.Namespace) -> dict:
-    """--choose-on-validation: the grid on the validation patients; the best setting to adaptation.json."""
-    parent = load_parent(args.choose_on_validation)
+def open_run(run: str, args: argparse.Namespace, file_name: str) -> tuple[Parent, Path, list[Case]]:
+    """The run of --choose-on-validation or --evaluate: its parent model, the file in its folder that
+    will be written (refused before any work when it exists without --overwrite), and its cases."""
+    parent = load_parent(run)
     check_spacing(parent, args.spacing)
-    target = parent.member.run_dir / SETTINGS_FILE
+    target = parent.member.run_dir / file_name
     refuse_existing(target, args.overwrite)
     cases, _ = parent_cases(parent, args.data_root)
+    return parent, target, cases
+
+
+def choose(args: argparse.Namespace) -> dict:
+    """--choose-on-validation: the grid on the validation patients; the best setting to adaptation.json."""
+    parent, target, cases = open_run(args.choose_on_validation, args, SETTINGS_FILE)
     patients = validation_patients(parent, cases, args.patients)
     grid = grid_of(args.lr_grid, [a == "on" for a in args.augment_grid])
     milestones = sorted(set(args.steps_grid) | {0})
@@ -256,11 +263,7 @@ def choose(args: argparse.Namespace) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """--evaluate: the protocol on the test patients with the run's setting, parent against adapted."""
-    parent = load_parent(args.evaluate)
-    check_spacing(parent, args.spacing)
-    target = parent.member.run_dir / EVALUATION_FILE
-    refuse_existing(target, args.overwrite)
-    cases, _ = parent_cases(parent, args.data_root)
+    parent, target, cases = open_run(args.evaluate, args, EVALUATION_FILE)
     test = list((parent.member.split or {}).get("test") or [])
     patients = patients_with_weeks(cases, test)
     if not patients:
