@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
+from pelvicseg.adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
                         evaluate_cases, fine_tune, grid_of, load_parent, mean_foreground,
                         patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
-from checkpoint import file_sha256, save_checkpoint
-from cli import run_cli
+from pelvicseg.checkpoint import file_sha256, save_checkpoint
+from pelvicseg.cli import run_cli
 from dataset import Case, DataError, case_id_from_path, find_cases
-from inference import resolve_device
-from metrics import json_ready
+from pelvicseg.inference import resolve_device
+from pelvicseg.metrics import json_ready
 
 EVALUATION_FILE = "adaptation_test.json"  # in the parent run: the protocol on its test patients
 RUN_FILES = ("postprocessing.json", "uncertainty.json", "splits.json")  # the parent's, kept by the adapted run

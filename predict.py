@@ -21,21 +21,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError
-from cli import run_cli
+from pelvicseg.checkpoint import CheckpointError
+from pelvicseg.cli import run_cli
 from dataset import Case, DataError, LoadValidated, cases_from_input, cases_in, drop_trailing_singletons, find_cases
-from dicom_io import absent_classes, parse_roi_names, write_rtstruct, write_seg
-from dicom_pixels import series_to_nifti
-from dicom_series import SkippedSeries, check_output_requirements, is_dicom_folder, scan_series, select_series
-from inference import (PREDICTION_OVERLAP, load_members, load_source, pooled_validation_volumes, resolve_device,
+from pelvicseg.dicom.outputs import absent_classes, parse_roi_names, write_rtstruct, write_seg
+from pelvicseg.dicom.pixels import series_to_nifti
+from pelvicseg.dicom.series import SkippedSeries, check_output_requirements, is_dicom_folder, scan_series, select_series
+from pelvicseg.inference import (PREDICTION_OVERLAP, load_members, load_source, pooled_validation_volumes, resolve_device,
                        write_prediction)
-from longitudinal import (LONGITUDINAL_CSV, VOLUME_CHANGE, patient_weeks, summary_line, volume_change_fraction,
+from pelvicseg.longitudinal import (LONGITUDINAL_CSV, VOLUME_CHANGE, patient_weeks, summary_line, volume_change_fraction,
                           write_longitudinal)
-from metrics import json_ready, nan_mean, print_table, summarise, write_rows
-from progress import progress
-from report import write_report
-from segmenter import ENGINES, Segmenter
-from uncertainty import (describe_held_out, fit_from_volumes, flag_case, rank_correlation, review_settings,
+from pelvicseg.metrics import json_ready, nan_mean, print_table, summarise, write_rows
+from pelvicseg.progress import progress
+from pelvicseg.report import write_report
+from pelvicseg.segmenter import ENGINES, Segmenter
+from pelvicseg.uncertainty import (describe_held_out, fit_from_volumes, flag_case, rank_correlation, review_settings,
                          voxel_error_auroc, write_uncertainty)
 
 
@@ -303,7 +303,7 @@ def predict_case(case: Case, segmenter: Segmenter, args, rule: dict | None, out:
         result["rows"].append(row)
     figures = []
     if not args.no_figures:
-        from figures import save_case_figures, save_uncertainty_figure  # matplotlib only when figures are drawn
+        from pelvicseg.figures import save_case_figures, save_uncertainty_figure  # matplotlib only when figures are drawn
         image_data = drop_trailing_singletons(np.asanyarray(source.dataobj))
         save_case_figures(image_data, target, labels, source.affine, class_names, out / "figures", case.case_id)
         save_uncertainty_figure(image_data, entropy, source.affine, out / "figures" / f"{case.case_id}_uncertainty.png",
@@ -336,7 +336,7 @@ def write_dicom_outputs(labels: np.ndarray, series, formats: Sequence[str], clas
                         report_entry: dict, roi_names: dict | None = None) -> None:
     """RTSTRUCT and DICOM-SEG referring to the input series, in the figures' colours; the report
     entry names the series and the organs the RTSTRUCT leaves out for want of a voxel."""
-    from figures import class_colours
+    from pelvicseg.figures import class_colours
     colours = class_colours(len(class_names))
     report_entry["dicom_series"] = series.where()
     if "rtstruct" in formats:
@@ -563,7 +563,7 @@ def main(args: argparse.Namespace) -> dict:
     (out / "summary.json").write_text(json.dumps(json_ready(summary), indent=2) + "\n")
     run_figures = []
     if labelled and not args.no_figures:
-        from figures import save_dice_boxplot
+        from pelvicseg.figures import save_dice_boxplot
         save_dice_boxplot(np.array([r["dice"] for r in labelled]), class_names, out / "figures" / "dice_boxplot.png")
         run_figures = ["figures/dice_boxplot.png"]
     write_report(out, [r["report"] for r in results], summary if labelled else None, class_names,

@@ -34,20 +34,20 @@ from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from checkpoint import load_checkpoint, save_checkpoint
-from cli import explicit_flags, run_cli
+from pelvicseg.checkpoint import load_checkpoint, save_checkpoint
+from pelvicseg.cli import explicit_flags, run_cli
 from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in,
                      choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split,
                      read_nifti_header)
-from evaluation import evaluate_volume, with_postprocessing
-from inference import (PREDICTION_OVERLAP, autocast_dtype, decide_postprocessing, load_source, out_of_memory_message,
+from pelvicseg.evaluation import evaluate_volume, with_postprocessing
+from pelvicseg.inference import (PREDICTION_OVERLAP, autocast_dtype, decide_postprocessing, load_source, out_of_memory_message,
                        predict_probabilities, resolve_device)
-from metrics import dice_from_counts, dice_per_class, format_value, json_ready, nan_mean, overlap_counts
+from pelvicseg.metrics import dice_from_counts, dice_per_class, format_value, json_ready, nan_mean, overlap_counts
 from modules import ImprovedUNet3D, count_parameters
-from progress import progress as report_progress
-from training import (Trainer, TrainingDiverged, compute_loss, divergence_message, epoch_seed, make_loss,
+from pelvicseg.progress import progress as report_progress
+from pelvicseg.training import (Trainer, TrainingDiverged, compute_loss, divergence_message, epoch_seed, make_loss,
                       parameters_finite, seed_random_generators, training_loader)
-from uncertainty import describe_held_out, fit_from_volumes, review_settings
+from pelvicseg.uncertainty import describe_held_out, fit_from_volumes, review_settings
 
 DEFAULT_PHANTOM = Path("data/phantom")
 # A log gets a training or validation progress line once a pass has run this long, then this often:
@@ -321,7 +321,7 @@ def ensure_default_phantom(args: argparse.Namespace, context: Context) -> Path:
     marker = DEFAULT_PHANTOM / "phantom.json"
     wanted = {"patients": args.phantom_patients, "weeks": args.phantom_weeks, "seed": 0}
     if context.is_main and (not marker.exists() or json.loads(marker.read_text()) != wanted):
-        import phantom
+        from pelvicseg import phantom
 
         print(f"Generating the default phantom ({args.phantom_patients} patients x {args.phantom_weeks} weeks) "
               f"into {DEFAULT_PHANTOM}/ ...", flush=True)
@@ -676,7 +676,7 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
                 save_checkpoint(checkpoint_state(args, data, model, progress, epoch), run_dir / "last.pt")
                 if improved:
                     save_checkpoint(weights_only_state(args, data, model, progress, epoch), run_dir / "best.pt")
-                from figures import save_training_curves
+                from pelvicseg.figures import save_training_curves
                 save_training_curves(run_dir / "metrics.csv", data.class_names, run_dir / "training_curves.png")
                 skipped = f"  skipped {outcome['skipped']} non-finite step(s)" if outcome["skipped"] else ""
                 print(f"epoch {epoch:3d}/{args.epochs}  loss {outcome['loss']:.4f}/{validation['loss']:.4f}  dice "

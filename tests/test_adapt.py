@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import adapt  # noqa: E402
-import phantom  # noqa: E402
+from pelvicseg import phantom  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg.checkpoint import load_checkpoint  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 from dataset import find_cases  # noqa: E402
 
 

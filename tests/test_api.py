@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-import phantom  # noqa: E402
+from pelvicseg import phantom  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 from dataset import cases_in, find_cases, preprocessing  # noqa: E402
-from segmenter import Segmenter  # noqa: E402
+from pelvicseg.segmenter import Segmenter  # noqa: E402
 
 # 12^3 windows on a 24 x 20 x 16 preprocessed volume: several overlapping windows, each padded to
 # the network's multiple of 16 (inside the network for PyTorch, by the ONNX engine for ONNX).

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the project is a set of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import dynunet_strides  # noqa: E402
+from tools.bench import dynunet_strides  # noqa: E402
 
 
 def test_dynunet_strides_follow_nnunet():
@@ -26,7 +26,7 @@ def test_smallest_cpu_run_writes_complete_json(tmp_path):
     # About 20 s on 2 cores: tiny volume, narrow network, one timed step, no loader workers.
     out = tmp_path / "bench.json"
     channels = (8, 16, 32, 64)
-    command = [sys.executable, "bench.py", "--device", "cpu", "--size", "32", "32", "16", "--warmup", "2",
+    command = [sys.executable, "-m", "tools.bench", "--device", "cpu", "--size", "32", "32", "16", "--warmup", "2",
                "--repeats", "1", "--cases", "2", "--workers", "0", "--channels", *map(str, channels),
                "--out", str(out)]
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)

@@ -12,11 +12,11 @@ import re
 import pytest
 import torch
 
-import phantom
+from pelvicseg import phantom
 import predict
 import train
-from checkpoint import CheckpointError, load_checkpoint
-from cli import run_cli
+from pelvicseg.checkpoint import CheckpointError, load_checkpoint
+from pelvicseg.cli import run_cli
 
 EXPECTED = "best.pt or last.pt written by train.py, or its run folder"
 

@@ -20,12 +20,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
 
-import dicom_io
+from pelvicseg.dicom import outputs as dicom_io
 import dicom_study
-import phantom
+import phantom as phantom_cli
+from pelvicseg import phantom
 from scipy import ndimage
 from dataset import CLASS_NAMES, DataError
-from figures import class_colours
+from pelvicseg.figures import class_colours
 
 COARSE = (118, 112, 54)  # 3.6 x 3.8 x 3.7 mm over the phantom's field of view; rows and columns differ
 BODY = CLASS_NAMES.index("body")
@@ -74,7 +75,7 @@ def copy_shuffled(files, folder, seed=0):
 def phantom_case(tmp_path_factory):
     """Case_004_Week0 at COARSE, written by the phantom's CLI with --dicom."""
     root = tmp_path_factory.mktemp("phantom")
-    phantom.main(phantom.get_args(["--out", str(root), "--patients", "1", "--weeks", "1",
+    phantom_cli.main(phantom_cli.get_args(["--out", str(root), "--patients", "1", "--weeks", "1",
                                    "--shape", *map(str, COARSE), "--dicom"]))
     image = nib.load(root / "semantic_MRs_anon" / "Case_004_Week0_LFOV.nii.gz")
     label = nib.load(root / "semantic_labels_anon" / "Case_004_Week0_SEMANTIC_LFOV.nii.gz")
@@ -372,7 +373,7 @@ def test_dciodvfy_finds_no_errors_in_the_outputs_and_the_phantom_series(phantom_
 
 def test_phantom_dicom_is_reproducible_and_leaves_the_nifti_bytes_alone(tmp_path):
     def run(folder, *extra):
-        phantom.main(phantom.get_args(["--out", str(tmp_path / folder), "--patients", "1", "--weeks", "1",
+        phantom_cli.main(phantom_cli.get_args(["--out", str(tmp_path / folder), "--patients", "1", "--weeks", "1",
                                        "--shape", "20", "16", "8", *extra]))
         return {p.relative_to(tmp_path / folder): p.read_bytes() for p in sorted((tmp_path / folder).rglob("*.*"))}
 

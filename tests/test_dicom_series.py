@@ -19,11 +19,11 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless, generate_uid
 
-import dicom_io
-import dicom_pixels
-import dicom_series
+from pelvicseg.dicom import outputs as dicom_io
+from pelvicseg.dicom import pixels as dicom_pixels
+from pelvicseg.dicom import series as dicom_series
 import dicom_study
-import phantom
+from pelvicseg import phantom
 from dataset import DataError
 
 SHAPE = (10, 8, 6)

@@ -24,13 +24,13 @@ import pytest
 import torch
 from pydicom.encaps import encapsulate
 
-import dicom_io
-import dicom_series
+from pelvicseg.dicom import outputs as dicom_io
+from pelvicseg.dicom import series as dicom_series
 import dicom_study
-import phantom
+from pelvicseg import phantom
 import predict
 import train
-from cli import run_cli
+from pelvicseg.cli import run_cli
 from dataset import CLASS_NAMES, find_cases
 
 REPO = Path(__file__).resolve().parents[1]

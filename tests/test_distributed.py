@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-import phantom  # noqa: E402
-import inference  # noqa: E402
-import metrics  # noqa: E402
+from pelvicseg import phantom  # noqa: E402
+from pelvicseg import inference  # noqa: E402
+from pelvicseg import metrics  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from cli import run_cli  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
+from pelvicseg.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from conftest import distributed_environment as environment, run_in_process_group  # noqa: E402
 from dataset import CLASS_NAMES, cases_in, find_cases, preprocessing  # noqa: E402
 

@@ -28,14 +28,14 @@ if str(REPO) not in sys.path:
 
 import predict  # noqa: E402
 import train  # noqa: E402
-import training  # noqa: E402
-from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg import training  # noqa: E402
+from pelvicseg.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 from conftest import synthetic_case, write_case, write_dataset, write_nifti  # noqa: E402
 from dataset import (DataError, LoadValidated, augmentation, cached_dataset, find_cases, preprocessing,  # noqa: E402
                      voxel_volume_ml)
-from evaluation import evaluate_volume  # noqa: E402
-from metrics import hd95_per_class  # noqa: E402
+from pelvicseg.evaluation import evaluate_volume  # noqa: E402
+from pelvicseg.metrics import hd95_per_class  # noqa: E402
 from modules import ImprovedUNet3D  # noqa: E402
 
 TIMEOUT_S = 300
@@ -399,7 +399,7 @@ def lcc_figures(dice, dice_lcc):
 
 
 def test_post_processing_is_kept_unless_it_lowers_validation_dice():
-    from inference import decide_postprocessing, keep_largest_component
+    from pelvicseg.inference import decide_postprocessing, keep_largest_component
 
     # validation without islands: the step changes nothing and is kept
     organ = ["background", "organ"]
@@ -408,7 +408,7 @@ def test_post_processing_is_kept_unless_it_lowers_validation_dice():
     target = np.zeros((20, 20, 20), dtype=np.uint8)
     target[2:8, 2:8, 2:8] = 1
     target[12:16, 12:16, 12:16] = 1
-    from metrics import dice_per_class
+    from pelvicseg.metrics import dice_per_class
     dice, dice_lcc = (float(dice_per_class(p, target, 2)[1]) for p in (target, keep_largest_component(target, [1])))
     assert dice == 1.0 and dice_lcc < 1.0
     assert decide_postprocessing([lcc_figures(dice, dice_lcc)], organ)["largest_component"] == []

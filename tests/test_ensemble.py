@@ -11,10 +11,10 @@ import torch
 
 import predict
 import train
-from checkpoint import CheckpointError, save_checkpoint
-from cli import run_cli
+from pelvicseg.checkpoint import CheckpointError, save_checkpoint
+from pelvicseg.cli import run_cli
 from dataset import DataError, Case, load_or_make_split, make_folds, split_patients
-from inference import Ensemble, Member, decide_postprocessing, keep_largest_component, load_members, volume_figures
+from pelvicseg.inference import Ensemble, Member, decide_postprocessing, keep_largest_component, load_members, volume_figures
 from modules import ImprovedUNet3D
 
 PATIENTS = [f"{p:03d}" for p in range(4, 19)]  # 15 patients

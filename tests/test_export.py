@@ -25,11 +25,11 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
 import export  # noqa: E402
-import phantom  # noqa: E402
+from pelvicseg import phantom  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 from dataset import preprocessing  # noqa: E402
 
 # Phantom volumes shrink to 32 x 24 x 16 (area averaging) and are predicted in overlapping 16^3
@@ -191,7 +191,7 @@ def test_bundle_carries_its_code_and_passes_monai_checks_offline(folds, single, 
     broken.write_text(json.dumps({k: v for k, v in metadata.items() if k != "network_data_format"}))
     script = f"""
 import importlib.util, sys
-for name in ("dataset", "inference", "modules", "export", "bundle_scripts"):
+for name in ("dataset", "inference", "modules", "export", "pelvicseg"):
     assert importlib.util.find_spec(name) is None, f"{{name}} importable: the bundle could be using the repository"
 from monai.bundle import verify_metadata, verify_net_in_out
 bundle = {str(single)!r}
@@ -331,7 +331,7 @@ def test_members_that_disagree_are_refused_in_one_line(folds, tmp_path, capsys, 
 def test_bundle_inputs_skip_labels_and_outputs_never_go_into_the_data(tmp_path):
     from monai.data import MetaTensor
 
-    from bundle_scripts.components import SaveLabelsd, images_in
+    from pelvicseg.bundle_components import SaveLabelsd, images_in
     for name in ("b.nii.gz", "a.nii", "a_SEMANTIC.nii.gz", "label_a.nii.gz", "a_seg.nii.gz", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert images_in(str(tmp_path)) == [str(tmp_path / "a.nii"), str(tmp_path / "b.nii.gz")]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import figures
-from figures import save_uncertainty_figure, uncertainty_slice
+from pelvicseg import figures
+from pelvicseg.figures import save_uncertainty_figure, uncertainty_slice
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
 BODY, BONE, BLADDER, RECTUM, PROSTATE = 1, 2, 3, 4, 5

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the project is a set of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-import gpu_check  # noqa: E402
+from tools import gpu_check  # noqa: E402
 
 TABLE_HEADER = "| step | check | measured | target | result |"
 
@@ -40,7 +40,7 @@ def numbers_in(value, path=""):
 def dry_run(tmp_path_factory):
     # About 2 minutes on 2 cores: tiny phantom, tiny networks, one timed bench step, two gloo ranks.
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
-    finished = subprocess.run([sys.executable, "gpu_check.py", "--dry-run", "--out", str(out)], cwd=REPO,
+    finished = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--dry-run", "--out", str(out)], cwd=REPO,
                               capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text()) if out.is_file() else None
     return finished, report
@@ -109,7 +109,7 @@ def test_dry_run_prints_the_markdown_table(dry_run):
 
 def test_steps_without_time_left_are_cut_short_not_run(tmp_path):
     out = tmp_path / "report.json"
-    finished = subprocess.run([sys.executable, "gpu_check.py", "--dry-run", "--minutes", "0.01", "--out", str(out)],
+    finished = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--dry-run", "--minutes", "0.01", "--out", str(out)],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     steps = json.loads(out.read_text())["steps"]

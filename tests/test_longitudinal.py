@@ -29,13 +29,13 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
 import predict  # noqa: E402
-from checkpoint import save_checkpoint  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg.checkpoint import save_checkpoint  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 from conftest import AFFINE, SHAPE, synthetic_case, write_case, write_nifti  # noqa: E402
 from dataset import CLASS_NAMES, Case, find_cases  # noqa: E402
-from longitudinal import COLUMNS, longitudinal_rows, patient_weeks, write_longitudinal  # noqa: E402
+from pelvicseg.longitudinal import COLUMNS, longitudinal_rows, patient_weeks, write_longitudinal  # noqa: E402
 from modules import ImprovedUNet3D  # noqa: E402
-from report import write_report  # noqa: E402
+from pelvicseg.report import write_report  # noqa: E402
 
 ORGANS = CLASS_NAMES[1:]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

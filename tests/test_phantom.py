@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import phantom
+import phantom as phantom_cli
+from pelvicseg import phantom
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (64, 64, 32)
@@ -144,7 +145,7 @@ def test_dicom_without_out_says_what_to_run():
     assert "python phantom.py --dicom --out " in error, error
     # the suggested command is accepted as it stands (parsed only: writing it is the test above)
     suggested = error.split("python phantom.py ", 1)[1].split()
-    args = phantom.get_args(suggested)
+    args = phantom_cli.get_args(suggested)
     assert args.dicom and args.out is not None
 
 
@@ -162,7 +163,7 @@ def test_preview_uses_the_palette_of_the_result_figures(tmp_path):
     import matplotlib.colors
     import matplotlib.image
 
-    from figures import class_colours
+    from pelvicseg.figures import class_colours
 
     shape = (40, 40, 20)
     label = np.zeros(shape, dtype=np.uint8)

@@ -31,12 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-import phantom  # noqa: E402
+from pelvicseg import phantom  # noqa: E402
 from dataset import CLASS_NAMES, find_cases, preprocessing  # noqa: E402
 import predict  # noqa: E402
-from inference import labels_from_probabilities, to_source_grid, write_prediction  # noqa: E402
-from metrics import dice_per_class, hd95_per_class, misses_per_class, summarise  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg.inference import labels_from_probabilities, to_source_grid, write_prediction  # noqa: E402
+from pelvicseg.metrics import dice_per_class, hd95_per_class, misses_per_class, summarise  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 
 NUM_CLASSES = len(CLASS_NAMES)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -673,7 +673,7 @@ def test_prediction_on_a_dicom_series_equals_prediction_on_its_nifti(trained, pr
     import pydicom
     from highdicom.seg import segread
 
-    import dicom_io
+    from pelvicseg.dicom import outputs as dicom_io
 
     case = predicted["cases"][0]
     source = nib.load(case.image)

@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-import phantom  # noqa: E402
+from pelvicseg import phantom  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 from conftest import run_in_process_group  # noqa: E402
 
 TIMEOUT_S = 180

@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-import progress as progress_module
-from progress import progress
+from pelvicseg import progress as progress_module
+from pelvicseg.progress import progress
 
 
 @pytest.fixture

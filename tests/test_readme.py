@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_flag_reference_matches_the_parsers(monkeypatch, capsys):
     """``python docs/update_readme.py --check``: its main() in this process (it imports each script
     and prints its --help at 100 columns, which it sets in the environment: restored afterwards)."""
-    spec = importlib.util.spec_from_file_location("update_readme", REPO / "docs" / "update_readme.py")
+    spec = importlib.util.spec_from_file_location("update_readme", REPO / "tools" / "update_readme.py")
     update_readme = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(update_readme)
     monkeypatch.setenv("COLUMNS", "100")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from pelvicseg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import DataError, LoadValidated, cached_dataset, find_cases, preprocessing, split_patients, unwrap_data_error
 from modules import ImprovedUNet3D
 
@@ -521,7 +521,7 @@ def uninterrupted_run(training_root, tmp_path_factory) -> Path:
     """The reference run, through train.py's entry point in this process (one CPU thread, as the
     subprocesses below: conftest sets OMP_NUM_THREADS=1 for both)."""
     import train
-    from cli import run_cli
+    from pelvicseg.cli import run_cli
 
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
     assert run_cli(train.main, train.get_args(["--data-root", str(training_root), "--out", str(out),

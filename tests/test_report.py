@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from figures import class_colours
-from report import DIGITS, MISSING, write_report
+from pelvicseg.figures import class_colours
+from pelvicseg.report import DIGITS, MISSING, write_report
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
 FOREGROUND = CLASS_NAMES[1:]

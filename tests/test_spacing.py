@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import phantom
+from pelvicseg import phantom
 import predict
 import train
-from cli import run_cli
+from pelvicseg.cli import run_cli
 from dataset import find_cases, preprocessing
 
 TARGET = (7.0, 7.0, 8.0)  # mm, coarse enough for tests to be quick

@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-import inference  # noqa: E402
+from pelvicseg import inference  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-import training  # noqa: E402
-from cli import run_cli  # noqa: E402
+from pelvicseg import training  # noqa: E402
+from pelvicseg.cli import run_cli  # noqa: E402
 from conftest import synthetic_case, write_case, write_dataset  # noqa: E402
 from dataset import find_cases, preprocessing  # noqa: E402
 from modules import ImprovedUNet3D  # noqa: E402

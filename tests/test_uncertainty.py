@@ -16,10 +16,10 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_curve
 
-from evaluation import evaluate_volume, with_postprocessing
-from figures import save_uncertainty_figure
+from pelvicseg.evaluation import evaluate_volume, with_postprocessing
+from pelvicseg.figures import save_uncertainty_figure
 from monai.data import MetaTensor
-from uncertainty import (REVIEW_MARGIN, SCORE_NAME, UNCERTAINTY_SLOPE, describe_held_out, expected_dice_deficit,
+from pelvicseg.uncertainty import (REVIEW_MARGIN, SCORE_NAME, UNCERTAINTY_SLOPE, describe_held_out, expected_dice_deficit,
                          fit_flag_thresholds, fit_from_volumes, flag_case, held_out_flags, normalised_entropy,
                          organ_uncertainty, rank_correlation, review_settings, voxel_error_auroc, write_uncertainty)
 

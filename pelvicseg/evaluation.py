@@ -17,9 +17,9 @@ import torch
 from monai.data import MetaTensor
 
 from dataset import voxel_spacing, voxel_volume_ml
-from inference import keep_largest_component, labels_from_probabilities, to_source_grid, volume_figures
-from metrics import dice_per_class, hd95_per_class, misses_per_class
-from uncertainty import expected_dice_deficit, normalised_entropy
+from pelvicseg.inference import keep_largest_component, labels_from_probabilities, to_source_grid, volume_figures
+from pelvicseg.metrics import dice_per_class, hd95_per_class, misses_per_class
+from pelvicseg.uncertainty import expected_dice_deficit, normalised_entropy
 
 
 def evaluate_volume(probabilities: torch.Tensor, preprocessed_image: MetaTensor, source: nib.Nifti1Image,

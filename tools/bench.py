@@ -2,8 +2,8 @@
 in one process, against MONAI's AttentionUnet and DynUNet and against our own plain eager float32
 path; prints a table of ratios and writes everything to JSON.
 
-    python bench.py --device cpu     # 64 x 64 x 32, a few steps: 1-2 minutes on 2 cores
-    python bench.py --device cuda    # the whole HipMRI volume, 256 x 256 x 128
+    python -m tools.bench --device cpu     # 64 x 64 x 32, a few steps: 1-2 minutes on 2 cores
+    python -m tools.bench --device cuda    # the whole HipMRI volume, 256 x 256 x 128
 
 Every network gets the same input tensor, the same random labels and the same training step:
 forward, MONAI DiceCELoss (6 classes, computed in float32 as train.py does), backward and an Adam
@@ -77,7 +77,7 @@ from monai.networks.nets import AttentionUnet, DynUNet
 from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, drop_trailing_singletons,
                      find_cases, lps_geometry, preprocessing, voxel_spacing)
 from modules import ImprovedUNet3D, count_parameters
-from inference import autocast_dtype, predict_probabilities, resolve_device
+from pelvicseg.inference import autocast_dtype, predict_probabilities, resolve_device
 
 NUM_CLASSES = len(CLASS_NAMES)
 GIB = 2**30
@@ -468,7 +468,7 @@ def write_cases(folder: Path, count: int, shape: Sequence[int], seed: int) -> No
     """``count`` HipMRI-named image/label pairs of ``shape``: the phantom when phantom.py is there,
     otherwise blocky random labels with matching intensities."""
     try:
-        from phantom import write_phantom
+        from pelvicseg.phantom import write_phantom
     except ImportError:
         write_phantom = None
     if write_phantom is not None:
@@ -555,8 +555,8 @@ def measure_validation(args) -> dict:
     final validation's HD95 of the foreground classes (``metrics.hd95_per_class``) against all
     six classes (MONAI's HD95 with the background too, the earlier cost). Probabilities are the
     one-hot label blurred, so the arg-max has borders to find."""
-    from inference import labels_from_probabilities, to_source_grid
-    from metrics import dice_per_class, hd95_per_class
+    from pelvicseg.inference import labels_from_probabilities, to_source_grid
+    from pelvicseg.metrics import dice_per_class, hd95_per_class
     from monai.metrics import compute_hausdorff_distance
 
     with tempfile.TemporaryDirectory(prefix="bench_validation_") as folder:

@@ -1,7 +1,7 @@
 """One trained model (or an ensemble) as a Python object: loaded once, then called on a NIfTI
 file, a nibabel image or a numpy array with its 4x4 affine, as predict.py segments each case.
 
-    from segmenter import Segmenter
+    from pelvicseg.segmenter import Segmenter
     segment = Segmenter.from_checkpoints(["runs/demo/best.pt"])        # several: an ensemble
     labels = segment("scan.nii.gz")                   # nibabel Nifti1Image, uint8, on the scan's grid
     labels, probabilities = segment(array, affine, probabilities=True)  # (C, X, Y, Z) on that grid
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from dataset import DataError, preprocessing, read_nifti_header
-from evaluation import evaluate_volume
-from inference import (PREDICTION_OVERLAP, Ensemble, Member, OnnxEnsemble, autocast_dtype, load_members,
+from pelvicseg.evaluation import evaluate_volume
+from pelvicseg.inference import (PREDICTION_OVERLAP, Ensemble, Member, OnnxEnsemble, autocast_dtype, load_members,
                        postprocessing_for, prediction_image, resolve_device)
 
 ENGINES = ("torch", "onnx")

@@ -23,11 +23,11 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from checkpoint import CheckpointError, load_checkpoint
+from pelvicseg.checkpoint import CheckpointError, load_checkpoint
 from dataset import drop_trailing_singletons
-from metrics import dice_per_class, hd95_per_class, nan_mean
+from pelvicseg.metrics import dice_per_class, hd95_per_class, nan_mean
 from modules import ImprovedUNet3D
-from uncertainty import expected_dice_deficit
+from pelvicseg.uncertainty import expected_dice_deficit
 
 # Sliding-window overlap of prediction, and so of training's final validation, which fits the
 # post-processing and the review rule on what predict.py computes. Per-epoch model selection may

@@ -49,10 +49,10 @@ from pydicom.uid import UID, ImplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from dataset import DataError
-from dicom_pixels import load_series, series_to_nifti
-from dicom_series import (LPS_TO_RAS, DicomSeries, describe, find_series, is_dicom_folder, read_dicom, read_header,
+from pelvicseg.dicom.pixels import load_series, series_to_nifti
+from pelvicseg.dicom.series import (LPS_TO_RAS, DicomSeries, describe, find_series, is_dicom_folder, read_dicom, read_header,
                           scan_series)
-from figures import class_colours
+from pelvicseg.figures import class_colours
 
 __all__ = [  # the writers, and the reading side's names for callers of the single-module API
     "write_rtstruct", "write_seg", "read_rtstruct_masks", "mask_polygons", "roi_name", "parse_roi_names",

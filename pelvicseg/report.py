@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from figures import class_colours
+from pelvicseg.figures import class_colours
 
 log = logging.getLogger("hipmri")
 

@@ -7,9 +7,9 @@ import argparse
 import logging
 import sys
 
-from checkpoint import CheckpointError
+from pelvicseg.checkpoint import CheckpointError
 from dataset import DataError, unwrap_data_error
-from training import TrainingDiverged
+from pelvicseg.training import TrainingDiverged
 
 
 def run_cli(main_fn, args: argparse.Namespace) -> int:

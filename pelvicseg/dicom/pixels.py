@@ -22,7 +22,7 @@ import numpy as np
 from pydicom.uid import UID
 
 from dataset import DataError
-from dicom_series import DicomSeries, read_dicom
+from pelvicseg.dicom.series import DicomSeries, read_dicom
 
 log = logging.getLogger("hipmri")
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from monai.data import Dataset
 
-from checkpoint import load_checkpoint
+from pelvicseg.checkpoint import load_checkpoint
 from dataset import Case, DeviceAugmentation, augmentation, cached_dataset
-from inference import Member, autocast_dtype, checkpoint_path, load_members, load_source
-from metrics import nan_mean
+from pelvicseg.inference import Member, autocast_dtype, checkpoint_path, load_members, load_source
+from pelvicseg.metrics import nan_mean
 from modules import ImprovedUNet3D
-from segmenter import Segmenter
-from training import (Trainer, TrainingDiverged, epoch_seed, make_loss, seed_random_generators,
+from pelvicseg.segmenter import Segmenter
+from pelvicseg.training import (Trainer, TrainingDiverged, epoch_seed, make_loss, seed_random_generators,
                       training_loader)
 
 SETTINGS_FILE = "adaptation.json"  # in the parent run: the setting chosen on its validation patients

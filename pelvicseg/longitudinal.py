@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dataset import Case, DataError
-from metrics import write_rows
+from pelvicseg.metrics import write_rows
 
 LONGITUDINAL_CSV = "longitudinal.csv"
 VOLUME_CHANGE = 0.3  # a fraction of the first week's volume
@@ -157,7 +157,7 @@ def write_longitudinal(out: Path, results: Sequence[dict], class_names: Sequence
     write_rows(rows, out / LONGITUDINAL_CSV)
     drawn = {}
     if figures:
-        from figures import save_volume_timeline  # matplotlib only when figures are drawn
+        from pelvicseg.figures import save_volume_timeline  # matplotlib only when figures are drawn
         taken: set[str] = set()
         for patient in dict.fromkeys(r["patient"] for r in rows):
             mine = [r for r in rows if r["patient"] == patient]

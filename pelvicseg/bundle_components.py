@@ -23,7 +23,7 @@ from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
 
 from dataset import LABEL_NAME, LoadValidated, ResampleToSpacingd, case_id_from_path
-from inference import keep_largest_component, labels_from_probabilities, to_source_grid, write_prediction
+from pelvicseg.inference import keep_largest_component, labels_from_probabilities, to_source_grid, write_prediction
 from modules import ImprovedUNet3D
 
 __all__ = ["EnsembleSlidingWindowInferer", "ImprovedUNet3D", "KeepLargestComponentd", "LabelsFromProbabilitiesd",

@@ -1,7 +1,7 @@
 """One command that proves the GPU path: run it the moment a CUDA GPU is at hand.
 
-    python gpu_check.py                   # on a CUDA machine: at most 8.5 minutes, one JSON file
-    python gpu_check.py --dry-run         # every step on the CPU at tiny sizes (the tests run this)
+    python -m tools.gpu_check                   # on a CUDA machine: at most 8.5 minutes, one JSON file
+    python -m tools.gpu_check --dry-run         # every step on the CPU at tiny sizes (the tests run this)
 
 Seven steps, in this order; a failing step is recorded with its error and the next one runs:
 
@@ -66,9 +66,9 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss
 
 from modules import ImprovedUNet3D
-from phantom import make_case
+from pelvicseg.phantom import make_case
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 NUM_CLASSES = 6
 STEPS = ("environment", "fast_path", "benchmark", "time_to_accuracy", "adaptation", "distributed", "out_of_memory")
@@ -321,6 +321,9 @@ def failure_text(finished: Finished) -> str:
 
 
 def python_script(script: str, *flags) -> list:
+    """A command at the root (``train.py``) or a tool (``tools/bench.py``, run as ``-m tools.bench``)."""
+    if script.startswith("tools/"):
+        return [sys.executable, "-m", script[:-3].replace("/", "."), *flags]
     return [sys.executable, script, *flags]
 
 
@@ -622,7 +625,7 @@ def run_benchmark(run: argparse.Namespace, step: StepReport) -> None:
     log = run.work / "logs" / "bench.log"
     # Ten timed steps, not bench.py's fifteen: the same medians, within the step's share of time.
     flags = ["--device", "cuda", "--repeats", "10"] if run.cuda else DRY_BENCH
-    finished = run_command(python_script("bench.py", *flags, "--out", out), log, run.budget.seconds_for("benchmark"))
+    finished = run_command(python_script("tools/bench.py", *flags, "--out", out), log, run.budget.seconds_for("benchmark"))
     record_command(step, finished, log)
     if finished.stopped:
         return

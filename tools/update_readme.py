@@ -1,13 +1,14 @@
 """Rewrite the flag reference in README.md from the scripts' real argument parsers.
 
-    python docs/update_readme.py          # rewrite README.md in place
-    python docs/update_readme.py --check  # exit 1 if README.md is out of date (the tests run this)
+    python -m tools.update_readme          # rewrite README.md in place
+    python -m tools.update_readme --check  # exit 1 if README.md is out of date (the tests run this)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import os
 import re
@@ -15,14 +16,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("train", "predict", "phantom", "bench", "gpu_check", "adapt", "export")
+SCRIPTS = {"train": "train", "predict": "predict", "phantom": "phantom", "bench": "tools.bench",
+           "gpu_check": "tools.gpu_check", "adapt": "adapt", "export": "export"}
 
 
 def help_text(script: str) -> str:
     """The script's --help output at a fixed width, so the README does not depend on the terminal."""
     os.environ["COLUMNS"] = "100"
     sys.path.insert(0, str(ROOT))
-    module = __import__(script)
+    module = importlib.import_module(SCRIPTS[script])
     buffer = io.StringIO()
     saved_argv = sys.argv
     sys.argv = [f"{script}.py", "--help"]  # argparse names the program after argv[0]
@@ -51,7 +53,7 @@ def main() -> int:
     updated = render(current)
     if args.check:
         if updated != current:
-            print("README.md flag reference is out of date: run python docs/update_readme.py")
+            print("README.md flag reference is out of date: run python -m tools.update_readme")
             return 1
         return 0
     path.write_text(updated, encoding="utf-8")

@@ -224,7 +224,7 @@ def uncertainty_slice(entropy: np.ndarray, prediction: np.ndarray | None = None,
     """
     entropy = np.asarray(entropy, dtype=np.float64)
     if prediction is not None:
-        from uncertainty import organ_uncertainty  # torch only when a prediction is shown
+        from pelvicseg.uncertainty import organ_uncertainty  # torch only when a prediction is shown
 
         prediction = np.asarray(prediction)
         num_classes = int(prediction.max()) + 1 if num_classes is None else num_classes
