@@ -26,6 +26,7 @@ from pydicom.encaps import encapsulate
 
 from pelvicseg.dicom import outputs as dicom_io
 from pelvicseg.dicom import series as dicom_series
+import dicom_readback
 import dicom_study
 from pelvicseg import phantom
 import predict
@@ -140,8 +141,19 @@ def test_rtstruct_and_seg_of_the_study_read_back_as_the_nifti_labels(study, pred
     for c in range(2, len(CLASS_NAMES)):
         if (labels == c).any():
             np.testing.assert_array_equal(union[dicom_io.roi_name(CLASS_NAMES[c])], labels == c)
+    for name in ("T2", "T2_enhanced"):  # single-frame and multi-frame source, each SEG read back by its pixels
         seg = segread(out / f"{name}_seg.dcm")
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[name].series_uid
+        prediction = nib.load(out / f"{name}_pred.nii.gz")
+        labels = np.asanyarray(prediction.dataobj)
+        # frames placed by their own plane positions through the NIfTI affine, contours by their points
+        from_seg, segments = dicom_readback.seg_labels(out / f"{name}_seg.dcm", prediction.affine, labels.shape)
+        assert segments == {c: dicom_io.roi_name(n) for c, n in enumerate(CLASS_NAMES) if c > 0}, name
+        np.testing.assert_array_equal(from_seg, labels, err_msg=name)
+        masks = dicom_readback.rtstruct_masks(out / f"{name}_rtstruct.dcm", prediction.affine, labels.shape)
+        for c in range(2, len(CLASS_NAMES)):
+            if (labels == c).any():
+                np.testing.assert_array_equal(masks[dicom_io.roi_name(CLASS_NAMES[c])], labels == c, err_msg=name)
     summary = json.loads((out / "summary.json").read_text())
     labels = np.asanyarray(nib.load(out / "T2_pred.nii.gz").dataobj)
     absent = {CLASS_NAMES[c] for c in range(2, len(CLASS_NAMES)) if not (labels == c).any()}
