@@ -290,6 +290,44 @@ def test_review_settings_name_the_score_so_an_older_rule_is_refitted():
     assert older != settings
 
 
+
+@pytest.mark.parametrize("stored, refitted", [("older", True), ("current", False)])
+def test_predict_refits_a_rule_stored_without_the_score_name(tmp_path, monkeypatch, capsys, stored, refitted):
+    """predict.review_rule_for on a run whose uncertainty.json was fitted before the score was named:
+    its settings differ from this run's, so the validation volumes are evaluated again (revalidate,
+    recorded here instead of predicting) and the rule is fitted on those; with the current settings
+    the stored volumes are used as they are."""
+    import predict
+    from pelvicseg.inference import Member
+
+    settings = review_settings(False, 0.5, ["bladder", "body"])
+    written = dict(settings) if stored == "current" else {k: v for k, v in settings.items() if k != "score"}
+    scores, dice = constructed_validation(8)
+    volumes = [{"case": f"case_{n}", "patient": f"{n:03d}", "uncertainty": list(map(json_number, s)),
+                "dice": list(map(json_number, d))} for n, (s, d) in enumerate(zip(scores, dice))]
+    (tmp_path / "uncertainty.json").write_text(json.dumps({"settings": written, "volumes": volumes}))
+    member = Member(str(tmp_path / "best.pt"), {}, {}, {"class_names": list(CLASS_NAMES)}, tmp_path, {"val": []})
+    calls = []
+
+    def revalidate(members, class_names, settings_now, segmenter):
+        calls.append(settings_now)
+        return [{**v, "uncertainty": [None, None, 0.5]} for v in volumes]  # other scores, as other settings give
+
+    monkeypatch.setattr(predict, "revalidate", revalidate)
+    rule = predict.review_rule_for([member], list(CLASS_NAMES), settings, segmenter=None)
+    assert calls == ([settings] if refitted else [])
+    assert rule["settings"] == settings
+    printed = capsys.readouterr().out
+    assert ("so it is refitted on the members' validation volumes" in printed) == refitted
+    assert ("score unrecorded (an older version)" in printed) == refitted
+    fitted_on = [[None, None, 0.5]] * len(volumes) if refitted else [v["uncertainty"] for v in volumes]
+    assert rule["organs"]["bladder"]["median"] == pytest.approx(np.median([s[2] for s in fitted_on]))
+
+
+def json_number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
 # ----------------------------------------------------------------------------- review rule
 
 def constructed_validation(n_cases=20, seed=0):
