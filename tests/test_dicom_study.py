@@ -162,6 +162,30 @@ def test_rtstruct_and_seg_of_the_study_read_back_as_the_nifti_labels(study, pred
     assert set(summary["left_out_of_rtstruct"].get("T2", [])) == absent
 
 
+def test_roi_names_on_the_command_line_name_the_rtstruct_rois_and_seg_segments(trained, study, tmp_path, capsys):
+    out = tmp_path / "named"
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["checkpoint"]), "--input",
+                                               str(study["folder"]), "--out", str(out), "--device", "cpu",
+                                               "--no-figures", "--no-hd95", "--series", "3", "--output-format",
+                                               "rtstruct", "seg", "--roi-names", "bone=Bone_Pelvic", "body=BODY"],
+                                              capsys)
+    assert code == 0, stdout + stderr
+    prediction = nib.load(out / "T2_pred.nii.gz")
+    labels = np.asanyarray(prediction.dataobj)
+    names = {"body": "BODY", "bone": "Bone_Pelvic", "bladder": "Bladder", "rectum": "Rectum", "prostate": "Prostate"}
+    _, segments = dicom_readback.seg_labels(out / "T2_seg.dcm", prediction.affine, labels.shape)
+    assert segments == {c: names[n] for c, n in enumerate(CLASS_NAMES) if c > 0}
+    masks = dicom_readback.rtstruct_masks(out / "T2_rtstruct.dcm", prediction.affine, labels.shape)
+    assert set(masks) == {"BODY", *(names[CLASS_NAMES[c]] for c in range(2, len(CLASS_NAMES)) if (labels == c).any())}
+
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["checkpoint"]), "--input",
+                                               str(study["folder"]), "--out", str(tmp_path / "refused"), "--device",
+                                               "cpu", "--series", "3", "--output-format", "rtstruct",
+                                               "--roi-names", "bone=Prostate"], capsys)
+    assert code == 2 and "--roi-names: two classes would share the ROI name Prostate" in stderr, stderr
+    assert not (tmp_path / "refused").exists()
+
+
 def test_library_info_lines_stay_off_stderr(study, predicted, tmp_path, caplog):
     """highdicom logs INFO lines while it writes a SEG (shown here in-process at INFO); cli.py
     keeps libraries at WARNING, so the run's stderr has none of them."""
