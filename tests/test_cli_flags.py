@@ -1,5 +1,6 @@
 """Flags that no other test passed: --debug of every script (cli.py's traceback path), the values
---volume-change refuses, and train.py's --overlap, --phantom-patients and --phantom-weeks. Each
+--volume-change refuses, train.py's --overlap, --phantom-patients and --phantom-weeks, and
+tools.bench's --roi, --overlap, --threads, --seed, --augment and --compile. Each
 is passed on a real command line and its effect checked. predict.py's --overlap and --roi-names
 are in test_engine.py and test_dicom_study.py, export.py's flags in test_export.py; the rule
 that every flag is passed somewhere is tests/test_flag_coverage.py.
@@ -109,3 +110,39 @@ def test_default_phantom_is_generated_as_the_phantom_flags_say_and_validation_us
     assert overlaps == [0.75, 0.75, PREDICTION_OVERLAP, PREDICTION_OVERLAP]
     assert "per epoch on the preprocessed grid (overlap 0.75)" in printed
     assert json.loads((tmp_path / "run" / "config.json").read_text())["overlap"] == 0.75
+
+
+def test_bench_window_overlap_threads_seed_and_augment_reach_the_measurements(tmp_path, monkeypatch):
+    """tools.bench with --roi 16 16 16 --overlap 0.25 --threads 1 --seed 3 --augment loader: the
+    inferences run in 16^3 windows at 0.25 (recorded by wrapping bench's predict_probabilities),
+    torch runs on one thread, the loader is measured with MONAI's per-sample augmentation, and the
+    report records them. --compile only adds the compiled configuration (measuring it takes
+    minutes on a small CPU, so it is checked where the configurations are chosen)."""
+    import torch
+    from tools import bench
+
+    calls = []
+    original = bench.predict_probabilities
+
+    def recording(model, image, roi, overlap, *args, **kwargs):
+        calls.append((list(roi), overlap))
+        return original(model, image, roi, overlap, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "predict_probabilities", recording)
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(bench.get_args([
+            "--device", "cpu", "--size", "32", "32", "16", "--roi", "16", "16", "16", "--overlap", "0.25",
+            "--threads", "1", "--seed", "3", "--augment", "loader", "--warmup", "2", "--repeats", "1", "--cases", "2",
+            "--workers", "0", "--channels", "4", "8", "8", "8", "--out", str(tmp_path / "bench.json")]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert calls and {(tuple(roi), overlap) for roi, overlap in calls} == {((16, 16, 16), 0.25)}
+    assert report["roi"] == [16, 16, 16] and report["overlap"] == 0.25
+    assert report["settings"]["seed"] == 3 and report["settings"]["threads"] == 1
+    assert report["loader"]["augment"] == "loader" and "error" not in report["loader"]
+    assert not bench.get_args(["--device", "cpu"]).compile and bench.get_args(["--device", "cpu", "--compile"]).compile
+    names = [c.name for c in bench.configurations(torch.device("cpu"), compile_on_cpu=True)]
+    assert "ours_compiled" in names and "ours_compiled" not in [
+        c.name for c in bench.configurations(torch.device("cpu"), compile_on_cpu=False)]
