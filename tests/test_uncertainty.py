@@ -519,3 +519,48 @@ def test_uncertainty_figure_shows_the_most_uncertain_axial_slice(tmp_path, axcod
     alone = tmp_path / "alone.png"
     assert save_uncertainty_figure(image, entropy, affine, alone) == z
     assert alone.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_predict_flags_every_organ_scoring_above_thresholds_refitted_on_lower_scores(tmp_path, capsys):
+    """predict.py with a seeded untrained network whose run stored validation scores of 0 (the
+    settings predict.py runs with, so nothing is revalidated): each organ's threshold is the median
+    0 plus the margin, and every organ of the case scoring above it is flagged, or, predicted in
+    every validation volume but not here, flagged as not predicted; worked out from metrics.csv.
+    A cheap check (seconds) of the flag path that the mutation canary plants 'flags = []' in."""
+    import csv
+
+    import predict
+    from conftest import AFFINE, write_case
+    from dataset import CLASS_NAMES as NAMES
+    from modules import ImprovedUNet3D
+    from pelvicseg.checkpoint import save_checkpoint
+    from pelvicseg.cli import run_cli
+
+    torch.manual_seed(0)
+    model_args = {"in_channels": 1, "out_channels": len(NAMES), "channels": [4, 8, 8, 8]}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_checkpoint({"model": ImprovedUNet3D(**model_args).state_dict(), "model_args": model_args,
+                     "class_names": list(NAMES), "config": {"spacing": [float(s) for s in np.abs(np.diag(AFFINE)[:3])],
+                                                            "roi_size": [32, 32, 16], "class_names": list(NAMES)}},
+                    run_dir / "best.pt")
+    volumes = [{"case": f"Case_00{n}_Week0", "patient": f"00{n}", "uncertainty": [0.0] * len(NAMES),
+                "dice": [1.0] * len(NAMES)} for n in (1, 2, 3)]
+    (run_dir / "uncertainty.json").write_text(json.dumps({"settings": review_settings(False, 0.5, []),
+                                                          "volumes": volumes}))
+    image, _ = write_case(tmp_path / "data", 4, 0)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_cli(predict.main, predict.get_args(["--checkpoint", str(run_dir), "--input", str(image), "--out",
+                                                   str(out), "--device", "cpu", "--no-figures", "--no-hd95"])) == 0
+    printed = capsys.readouterr().out
+    assert "refitted" not in printed
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["class"] != "background"]
+    scores = {row["class"]: float(row["uncertainty"] or "nan") for row in rows}
+    expected = {organ for organ, score in scores.items() if score > REVIEW_MARGIN or math.isnan(score)}
+    assert expected, scores  # an untrained network is unsure of its organs: the test sees a missing flag
+    summary = json.loads((out / "summary.json").read_text())
+    assert {f["organ"] for f in summary["flagged"]} == expected
+    assert {row["class"] for row in rows if row["flagged"] == "1"} == expected
+    assert "Flagged for review: 1 of 1 case(s)" in printed

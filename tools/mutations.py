@@ -49,7 +49,8 @@ MUTATIONS = (
              "predict.py writes the DICOM-SEG from labels flipped along the rows"),
     Mutation("never_flagged", "predict.py",
              "flags = flag_case(scores, rule, class_names) if rule else []", "flags = []",
-             ("tests/test_engine.py::test_predict_flags_the_organs_scoring_above_a_rule_fitted_on_lower_scores",),
+             ("tests/test_uncertainty.py::"
+              "test_predict_flags_every_organ_scoring_above_thresholds_refitted_on_lower_scores",),
              "predict.py never flags a case for review"),
     Mutation("dice_without_two", "pelvicseg/metrics.py",
              "2 * true_positive / denominator", "true_positive / denominator",
@@ -121,7 +122,8 @@ class Outcome:
 
     def line(self) -> str:
         verdict = "caught" if self.caught else f"NOT CAUGHT (pytest exit {self.returncode})"
-        return f"{self.mutation.name}: {verdict} by {' '.join(self.tests)} in {self.seconds:.0f} s ({self.mutation.why})"
+        return (f"{self.mutation.name}: {verdict} by {' '.join(self.tests)} in {self.seconds:.0f} s "
+                f"({self.mutation.why})")
 
 
 def run_mutation(mutation: Mutation, tests: Sequence[str] | None = None, root: Path = REPO,
