@@ -18,6 +18,7 @@ suite's job.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -134,8 +135,10 @@ def run_mutation(mutation: Mutation, tests: Sequence[str] | None = None, root: P
         copy = copy_repository(root, Path(folder) / "repo")
         plant(copy, mutation)
         start = time.perf_counter()
+        # one thread: the canary runs beside the suite's other worker on a small machine
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:xdist", "-p", "no:cacheprovider",
-                                 *tests], cwd=copy, capture_output=True, text=True, timeout=timeout)
+                                 *tests], cwd=copy, capture_output=True, text=True, timeout=timeout, env=environment)
         return Outcome(mutation, tests, result.returncode, time.perf_counter() - start,
                        result.stdout[-4000:] + result.stderr[-2000:])
 
