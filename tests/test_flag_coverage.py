@@ -65,12 +65,12 @@ def passes(text: str, flag: str) -> bool:
     return re.search(rf"[\"'\s]{re.escape(flag)}(?=[\"'\s=])", text) is not None
 
 
-def untested_flags(command: str, flags: list[str], test_texts: dict[str, str]) -> list[str]:
-    texts = [text for text in test_texts.values() if refers_to(text, command)]
+def untested_flags(command: str, flags: list[str], texts_of_the_tests: dict[str, str]) -> list[str]:
+    texts = [text for text in texts_of_the_tests.values() if refers_to(text, command)]
     return [flag for flag in flags if not any(passes(text, flag) for text in texts)]
 
 
-def test_texts() -> dict[str, str]:
+def texts_of_the_tests() -> dict[str, str]:
     return {path.name: path.read_text(encoding="utf-8") for path in sorted(TESTS.glob("*.py"))
             if path.name != Path(__file__).name}
 
@@ -79,7 +79,7 @@ def test_texts() -> dict[str, str]:
 def test_every_flag_of_the_command_is_passed_by_a_test(command):
     flags = long_flags(parser_of(importlib.import_module(command).get_args))
     assert "--help" not in flags and len(flags) >= 3, flags
-    missing = untested_flags(command, flags, test_texts())
+    missing = untested_flags(command, flags, texts_of_the_tests())
     assert not missing, (f"{command}: no test passes {', '.join(missing)}; add a test that passes each and "
                          "checks its effect")
 
