@@ -65,8 +65,8 @@ def passes(text: str, flag: str) -> bool:
     return re.search(rf"[\"'\s]{re.escape(flag)}(?=[\"'\s=])", text) is not None
 
 
-def untested_flags(command: str, flags: list[str], texts_of_the_tests: dict[str, str]) -> list[str]:
-    texts = [text for text in texts_of_the_tests.values() if refers_to(text, command)]
+def untested_flags(command: str, flags: list[str], test_files: dict[str, str]) -> list[str]:
+    texts = [text for text in test_files.values() if refers_to(text, command)]
     return [flag for flag in flags if not any(passes(text, flag) for text in texts)]
 
 
