@@ -32,7 +32,8 @@ from pelvicseg.adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_
                         patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
 from pelvicseg.checkpoint import file_sha256, save_checkpoint
 from pelvicseg.cli import run_cli
-from dataset import Case, DataError, case_id_from_path, find_cases
+from dataset import Case, case_id_from_path, find_cases
+from pelvicseg.errors import DataError
 from pelvicseg.inference import resolve_device
 from pelvicseg.metrics import json_ready
 

@@ -28,6 +28,8 @@ from monai import transforms as mt
 from monai.data import CacheDataset, MetaTensor, NibabelReader, image_reader
 from monai.utils import ensure_tuple
 
+from pelvicseg.errors import DataError, unwrap_data_error  # noqa: F401 - unwrap_data_error for older callers
+
 log = logging.getLogger("hipmri")
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
@@ -40,10 +42,6 @@ NAME_PATTERN = re.compile(
     r"^(?:Case_|K)(?P<patient>\d+)_Week(?P<week>\d+)(?P<semantic>_SEMANTIC)?(?:_LFOV)?\.nii(?:\.gz)?$",
     re.IGNORECASE,
 )
-
-
-class DataError(ValueError):
-    """A problem with the user's data: the message is one line naming the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -783,14 +781,3 @@ def class_weights_from_counts(counts: np.ndarray) -> np.ndarray:
     if (~present).any():
         weights[~present] = weights[present].max() if present.any() else 1.0
     return (weights / weights.mean()).astype(np.float32)
-
-
-def unwrap_data_error(error: BaseException) -> DataError | None:
-    """MONAI wraps errors raised inside transforms; find our DataError in the chain."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, DataError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None

@@ -47,10 +47,11 @@ import torch
 
 import dataset
 from pelvicseg import bundle_components as components
-from pelvicseg.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from pelvicseg.checkpoint import file_sha256, load_checkpoint
 from pelvicseg.cli import run_cli
-from dataset import DataError
-from pelvicseg.inference import ONNX_OPSET, TRACE_SHAPE, Member, export_onnx, load_members, postprocessing_for, quiet_tracing
+from pelvicseg.errors import CheckpointError, DataError, ExportError
+from pelvicseg.inference import (ONNX_OPSET, PREDICTION_OVERLAP, TRACE_SHAPE, Member, export_onnx, load_members,
+                                 postprocessing_for, quiet_tracing)
 from modules import ImprovedUNet3D
 
 PROJECT = Path(__file__).resolve().parent
@@ -113,10 +114,6 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser.parse_args(argv)
-
-
-class ExportError(RuntimeError):
-    """The project's code or the exported models cannot be carried into the bundle as they are."""
 
 
 # ----------------------------------------------------------------------------- scripts/hipmri.py
@@ -675,7 +672,6 @@ def folder_bytes(folder: Path) -> int:
 
 def main(args: argparse.Namespace) -> Path:
     members = load_members(args.checkpoint)
-    import predict  # not at the top: bench.py imports this module without needing predict.py
     states = [load_checkpoint(m.path) for m in members]
     config = members[0].config
     class_names, spacing, roi_size = list(config["class_names"]), config["spacing"], config.get("roi_size")
@@ -683,10 +679,11 @@ def main(args: argparse.Namespace) -> Path:
         raise CheckpointError(f"{members[0].path}: holds no sliding-window size (roi_size); retrain")
     out = Path(args.out)
     check_out(out, members, args.overwrite)
-    # predict.py's own decision and overlap, so the bundle segments as predict.py does by default.
+    # predict.py's own decision and overlap (its --overlap default), so the bundle segments as
+    # predict.py does by default.
     postprocessing = postprocessing_for(members, class_names, args.no_postprocessing)
     kept = list(postprocessing.get("largest_component", []))
-    overlap = predict.get_args(["--checkpoint", members[0].path, "--input", ".", "--out", "."]).overlap
+    overlap = PREDICTION_OVERLAP
 
     inference = inference_config(members, class_names, spacing, roi_size, overlap, kept)
     meta = metadata(members, states, class_names, spacing, roi_size, overlap, postprocessing, args.version)

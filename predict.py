@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pelvicseg.checkpoint import CheckpointError
 from pelvicseg.cli import run_cli
-from dataset import Case, DataError, LoadValidated, cases_from_input, cases_in, drop_trailing_singletons, find_cases
+from dataset import Case, LoadValidated, cases_from_input, cases_in, drop_trailing_singletons, find_cases
+from pelvicseg.errors import CheckpointError, DataError
 from pelvicseg.dicom.outputs import absent_classes, parse_roi_names, write_rtstruct, write_seg
 from pelvicseg.dicom.pixels import series_to_nifti
 from pelvicseg.dicom.series import SkippedSeries, check_output_requirements, is_dicom_folder, scan_series, select_series
@@ -336,7 +336,7 @@ def write_dicom_outputs(labels: np.ndarray, series, formats: Sequence[str], clas
                         report_entry: dict, roi_names: dict | None = None) -> None:
     """RTSTRUCT and DICOM-SEG referring to the input series, in the figures' colours; the report
     entry names the series and the organs the RTSTRUCT leaves out for want of a voxel."""
-    from pelvicseg.figures import class_colours
+    from pelvicseg.palette import class_colours
     colours = class_colours(len(class_names))
     report_entry["dicom_series"] = series.where()
     if "rtstruct" in formats:

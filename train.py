@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from pelvicseg.checkpoint import load_checkpoint, save_checkpoint
 from pelvicseg.cli import explicit_flags, run_cli
-from dataset import (CLASS_NAMES, DataError, DeviceAugmentation, augmentation, cached_dataset, cases_in,
+from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, cases_in,
                      choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split,
                      read_nifti_header)
 from pelvicseg.evaluation import evaluate_volume, with_postprocessing
@@ -45,7 +45,8 @@ from pelvicseg.inference import (PREDICTION_OVERLAP, autocast_dtype, decide_post
 from pelvicseg.metrics import dice_from_counts, dice_per_class, format_value, json_ready, nan_mean, overlap_counts
 from modules import ImprovedUNet3D, count_parameters
 from pelvicseg.progress import progress as report_progress
-from pelvicseg.training import (Trainer, TrainingDiverged, compute_loss, divergence_message, epoch_seed, make_loss,
+from pelvicseg.errors import DataError, TrainingDiverged
+from pelvicseg.training import (Trainer, compute_loss, divergence_message, epoch_seed, make_loss,
                       parameters_finite, seed_random_generators, training_loader)
 from pelvicseg.uncertainty import describe_held_out, fit_from_volumes, review_settings
 

@@ -31,7 +31,8 @@ from pelvicseg.inference import Member, autocast_dtype, checkpoint_path, load_me
 from pelvicseg.metrics import nan_mean
 from modules import ImprovedUNet3D
 from pelvicseg.segmenter import Segmenter
-from pelvicseg.training import (Trainer, TrainingDiverged, epoch_seed, make_loss, seed_random_generators,
+from pelvicseg.errors import TrainingDiverged
+from pelvicseg.training import (Trainer, epoch_seed, make_loss, seed_random_generators,
                       training_loader)
 
 SETTINGS_FILE = "adaptation.json"  # in the parent run: the setting chosen on its validation patients

@@ -14,14 +14,11 @@ from pathlib import Path
 import torch
 
 from modules import ImprovedUNet3D
+from pelvicseg.errors import CheckpointError
 
 FORMAT_VERSION = 1
 EXPECTED = "expected a best.pt or last.pt written by train.py, or its run folder"
 REASON_CHARACTERS = 160  # the part of torch's message kept in ours, so the error stays one readable line
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: the message is one line naming the file."""
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

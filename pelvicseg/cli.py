@@ -7,9 +7,7 @@ import argparse
 import logging
 import sys
 
-from pelvicseg.checkpoint import CheckpointError
-from dataset import DataError, unwrap_data_error
-from pelvicseg.training import TrainingDiverged
+from pelvicseg.errors import CheckpointError, DataError, TrainingDiverged, unwrap_data_error
 
 
 def run_cli(main_fn, args: argparse.Namespace) -> int:

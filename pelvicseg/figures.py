@@ -20,12 +20,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-CLASS_COLOURS = ["#00000000", "#f4a582", "#e6c229", "#4393c3", "#1b9e77", "#d6604d"]
-
-
-def class_colours(num_classes: int) -> list[str]:
-    extra = [matplotlib.colors.to_hex(plt.cm.tab10(i)) for i in range(max(0, num_classes - len(CLASS_COLOURS)))]
-    return (CLASS_COLOURS + extra)[:num_classes]
+from pelvicseg.palette import CLASS_COLOURS, class_colours  # noqa: E402, F401 - the palette, re-exported
 
 
 def overlay_cmap(num_classes: int) -> ListedColormap:

@@ -23,7 +23,8 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from pelvicseg.checkpoint import CheckpointError, load_checkpoint
+from pelvicseg.checkpoint import load_checkpoint
+from pelvicseg.errors import CheckpointError
 from dataset import drop_trailing_singletons
 from pelvicseg.metrics import dice_per_class, hd95_per_class, nan_mean
 from modules import ImprovedUNet3D

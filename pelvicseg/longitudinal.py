@@ -21,7 +21,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataset import Case, DataError
+from dataset import Case
+from pelvicseg.errors import DataError
 from pelvicseg.metrics import write_rows
 
 LONGITUDINAL_CSV = "longitudinal.csv"

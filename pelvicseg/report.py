@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from pelvicseg.figures import class_colours
+from pelvicseg.palette import class_colours
 
 log = logging.getLogger("hipmri")
 

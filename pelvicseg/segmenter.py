@@ -20,7 +20,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from dataset import DataError, preprocessing, read_nifti_header
+from dataset import preprocessing, read_nifti_header
+from pelvicseg.errors import DataError
 from pelvicseg.evaluation import evaluate_volume
 from pelvicseg.inference import (PREDICTION_OVERLAP, Ensemble, Member, OnnxEnsemble, autocast_dtype, load_members,
                        postprocessing_for, prediction_image, resolve_device)

@@ -16,16 +16,14 @@ from monai.data import DataLoader
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.losses import DiceCELoss, DiceLoss
 
+from pelvicseg.errors import TrainingDiverged
+
 # nnU-Net clips the gradient norm at 12: a rare spike (a crop of an organ edge at a high learning
 # rate) then moves the weights no further than an ordinary step instead of throwing them off.
 GRADIENT_CLIP_NORM = 12.0
 # A few non-finite steps are skipped, as GradScaler skips fp16 overflows; this many in a row mean
 # the weights themselves have diverged, and the run stops.
 MAX_NONFINITE_STEPS_IN_A_ROW = 5
-
-
-class TrainingDiverged(RuntimeError):
-    """Training cannot go on (the loss or gradients stay non-finite): the message is one line."""
 
 
 # ----------------------------------------------------------------------------- losses

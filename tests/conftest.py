@@ -43,9 +43,9 @@ LAYOUTS = {
 # predict 34, bench 24, predict_torchrun 21; every other file under 15). Under ``-n 2 --dist
 # loadfile`` each file runs whole on one worker, in collection order: these go first, longest
 # first, so that no long file starts while the other worker runs out of files.
-LONGEST_FIRST = ("test_gpu_check.py", "test_reliability.py", "test_distributed.py", "test_spacing.py",
-                 "test_training_flags.py", "test_engine.py", "test_export.py", "test_predict.py", "test_bench.py",
-                 "test_predict_torchrun.py")
+LONGEST_FIRST = ("test_gpu_check.py", "test_mutations.py", "test_reliability.py", "test_distributed.py",
+                 "test_spacing.py", "test_training_flags.py", "test_engine.py", "test_export.py", "test_predict.py",
+                 "test_bench.py", "test_cli_flags.py", "test_predict_torchrun.py")
 
 
 def pytest_configure(config):

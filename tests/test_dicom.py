@@ -355,6 +355,37 @@ def test_seg_read_back_with_highdicom_equals_the_labels(phantom_case, tmp_path):
     np.testing.assert_array_equal(frames.transpose(2, 1, 0), labels)
 
 
+def test_predicts_rtstruct_and_seg_read_back_by_geometry_alone_as_its_labels(tmp_path):
+    """predict.py's DICOM step on an oblique series, read back by tests/dicom_readback.py: the SEG's
+    frames placed by their own plane positions, the contours by their patient coordinates, both
+    through the NIfTI affine the series was written from (nothing of pelvicseg/dicom/ reads)."""
+    import dicom_readback
+    import predict
+
+    shape = (20, 16, 7)
+    affine = ras_affine_from_lps(OBLIQUE_DIRECTIONS, (2.5, 2.0, 3.0), (-30.0, -20.0, 12.0))
+    labels = np.zeros(shape, dtype=np.uint8)  # every class, none symmetric: a flip or a swap changes it
+    labels[1:18, 1:15, 0:7] = 1
+    labels[2:7, 2:5, 1:3] = 2
+    labels[12:17, 3:8, 3:6] = 3
+    labels[4:10, 10:14, 2:5] = 4
+    labels[8:11, 5:7, 5:7] = 5
+    folder = tmp_path / "oblique"
+    phantom.write_dicom_series(labels.astype(np.float32), affine, folder, "Synthetic_005", "blocks")
+    (series,) = dicom_io.find_series(folder)
+    entry = {}
+    predict.write_dicom_outputs(labels, series, ["rtstruct", "seg"], CLASS_NAMES, tmp_path / "out", entry)
+
+    seg, segments = dicom_readback.seg_labels(tmp_path / "out" / entry["seg_path"], affine, shape)
+    assert segments == {1: "External", 2: "Bone", 3: "Bladder", 4: "Rectum", 5: "Prostate"}
+    np.testing.assert_array_equal(seg, labels)
+    masks = dicom_readback.rtstruct_masks(tmp_path / "out" / entry["rtstruct_path"], affine, shape)
+    assert list(masks) == ["External", "Bone", "Bladder", "Rectum", "Prostate"]
+    np.testing.assert_array_equal(masks["External"], outline(labels))
+    for number, name in enumerate(CLASS_NAMES[2:], start=2):
+        np.testing.assert_array_equal(masks[dicom_io.roi_name(name)], labels == number, err_msg=name)
+
+
 # ----------------------------------------------------------------------------- validity
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian's dicom3tools) is not installed")

@@ -26,6 +26,7 @@ from pydicom.encaps import encapsulate
 
 from pelvicseg.dicom import outputs as dicom_io
 from pelvicseg.dicom import series as dicom_series
+import dicom_readback
 import dicom_study
 from pelvicseg import phantom
 import predict
@@ -140,14 +141,49 @@ def test_rtstruct_and_seg_of_the_study_read_back_as_the_nifti_labels(study, pred
     for c in range(2, len(CLASS_NAMES)):
         if (labels == c).any():
             np.testing.assert_array_equal(union[dicom_io.roi_name(CLASS_NAMES[c])], labels == c)
+    for name in ("T2", "T2_enhanced"):  # single-frame and multi-frame source, each SEG read back by its pixels
         seg = segread(out / f"{name}_seg.dcm")
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[name].series_uid
+        prediction = nib.load(out / f"{name}_pred.nii.gz")
+        labels = np.asanyarray(prediction.dataobj)
+        # frames placed by their own plane positions through the NIfTI affine, contours by their points
+        from_seg, segments = dicom_readback.seg_labels(out / f"{name}_seg.dcm", prediction.affine, labels.shape)
+        assert segments == {c: dicom_io.roi_name(n) for c, n in enumerate(CLASS_NAMES) if c > 0}, name
+        np.testing.assert_array_equal(from_seg, labels, err_msg=name)
+        masks = dicom_readback.rtstruct_masks(out / f"{name}_rtstruct.dcm", prediction.affine, labels.shape)
+        for c in range(2, len(CLASS_NAMES)):
+            if (labels == c).any():
+                np.testing.assert_array_equal(masks[dicom_io.roi_name(CLASS_NAMES[c])], labels == c, err_msg=name)
     summary = json.loads((out / "summary.json").read_text())
     labels = np.asanyarray(nib.load(out / "T2_pred.nii.gz").dataobj)
     absent = {CLASS_NAMES[c] for c in range(2, len(CLASS_NAMES)) if not (labels == c).any()}
     if not labels.any():  # the body's EXTERNAL outlines every labelled voxel, not only the body label
         absent.add("body")
     assert set(summary["left_out_of_rtstruct"].get("T2", [])) == absent
+
+
+def test_roi_names_on_the_command_line_name_the_rtstruct_rois_and_seg_segments(trained, study, tmp_path, capsys):
+    out = tmp_path / "named"
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["checkpoint"]), "--input",
+                                               str(study["folder"]), "--out", str(out), "--device", "cpu",
+                                               "--no-figures", "--no-hd95", "--series", "3", "--output-format",
+                                               "rtstruct", "seg", "--roi-names", "bone=Bone_Pelvic", "body=BODY"],
+                                              capsys)
+    assert code == 0, stdout + stderr
+    prediction = nib.load(out / "T2_pred.nii.gz")
+    labels = np.asanyarray(prediction.dataobj)
+    names = {"body": "BODY", "bone": "Bone_Pelvic", "bladder": "Bladder", "rectum": "Rectum", "prostate": "Prostate"}
+    _, segments = dicom_readback.seg_labels(out / "T2_seg.dcm", prediction.affine, labels.shape)
+    assert segments == {c: names[n] for c, n in enumerate(CLASS_NAMES) if c > 0}
+    masks = dicom_readback.rtstruct_masks(out / "T2_rtstruct.dcm", prediction.affine, labels.shape)
+    assert set(masks) == {"BODY", *(names[CLASS_NAMES[c]] for c in range(2, len(CLASS_NAMES)) if (labels == c).any())}
+
+    code, stdout, stderr = predict_in_process(["--checkpoint", str(trained["checkpoint"]), "--input",
+                                               str(study["folder"]), "--out", str(tmp_path / "refused"), "--device",
+                                               "cpu", "--series", "3", "--output-format", "rtstruct",
+                                               "--roi-names", "bone=Prostate"], capsys)
+    assert code == 2 and "--roi-names: two classes would share the ROI name Prostate" in stderr, stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_library_info_lines_stay_off_stderr(study, predicted, tmp_path, caplog):

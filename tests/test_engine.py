@@ -391,6 +391,34 @@ def test_predict_on_the_validation_patients_flags_what_training_fitted(finished_
     assert summary["review_rule"]["settings"]["tta"] is True
 
 
+def test_predict_overlap_reaches_the_windows_and_refits_the_review_rule(finished_run, tmp_path, monkeypatch, capsys):
+    """predict.py --overlap 0.25 (training fitted its rule at 0.5): every sliding window of the run,
+    the validation volumes revalidated for the refit included, uses 0.25 (recorded by wrapping
+    MONAI's sliding_window_inference where inference.py calls it), and the rule is refitted under it."""
+    from pelvicseg import inference
+    overlaps = []
+    original = inference.sliding_window_inference
+
+    def recording(*args, **kwargs):
+        overlaps.append(kwargs["overlap"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "sliding_window_inference", recording)
+    out = tmp_path / "val_overlap"
+    code, stdout, stderr = in_process(predict.main, predict.get_args, [
+        "--checkpoint", str(finished_run["run"]), "--data-root", str(finished_run["root"]), "--split", "val",
+        "--out", str(out), "--device", "cpu", "--no-figures", "--no-hd95", "--overlap", "0.25"], capsys)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert "overlap 0.5, largest component" in stdout and "so it is refitted on the members' validation volumes" \
+        in stdout, stdout[-3000:]
+    assert "overlap 0.25, tta False" in stdout  # the banner
+    validation_volumes = len(json.loads((finished_run["run"] / "uncertainty.json").read_text())["volumes"])
+    assert overlaps == [0.25] * (2 * validation_volumes)  # refit on the validation volumes, then those cases
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["review_rule"]["settings"]["overlap"] == 0.25
+    assert json.loads((out / "predict_config.json").read_text())["overlap"] == 0.25
+
+
 # ----------------------------------------------------------------------------- a user's first hour
 
 def lcc_figures(dice, dice_lcc):

@@ -214,11 +214,44 @@ for schema in [s for s in ({str(schema)!r}, {official!r}) if s]:
     assert result.stdout.count("verified against") == (2 if official else 1), explain(result)
 
 
-@pytest.mark.skipif(not os.environ.get("BUNDLE_META_SCHEMA"),
-                    reason="the published metadata schema is a download (no network here); set BUNDLE_META_SCHEMA "
-                    "to a local copy of meta_schema_20240725.json to check against it")
-def test_metadata_names_the_published_schema_it_was_checked_against():
-    assert Path(os.environ["BUNDLE_META_SCHEMA"]).name == export.SCHEMA_URL.rsplit("/", 1)[-1]
+def test_metadata_names_the_published_schema_it_was_checked_against(single):
+    """metadata.json names the schema export.py was checked against, and its README tells the offline
+    user which file to place; with BUNDLE_META_SCHEMA (a local copy of the published schema, a
+    download) the file checked above is that one."""
+    metadata = json.loads((single / "configs" / "metadata.json").read_text())
+    assert metadata["schema"] == export.SCHEMA_URL
+    schema_file = metadata["schema"].rsplit("/", 1)[-1]
+    assert schema_file == "meta_schema_20240725.json"
+    assert f"place a copy of `{schema_file}`" in (single / "docs" / "README.md").read_text()
+    if os.environ.get("BUNDLE_META_SCHEMA"):
+        assert Path(os.environ["BUNDLE_META_SCHEMA"]).name == export.SCHEMA_URL.rsplit("/", 1)[-1] == schema_file
+
+
+def test_version_and_no_postprocessing_reach_the_bundle_and_a_full_out_needs_overwrite(folds, single, capsys):
+    """--version is metadata.json's version, --no-postprocessing empties the bundle's largest-component
+    step (the default export keeps what the run decided); a second export into a folder that is not
+    empty is refused in one line and leaves it alone, and with --overwrite replaces it."""
+    out = folds["base"] / "bundle_flags"
+    argv = ["--checkpoint", str(folds["runs"][0]), "--out", str(out), "--version", "2.3.4", "--no-postprocessing"]
+    assert run_cli(export.main, export.get_args(argv)) == 0
+    metadata = json.loads((out / "configs" / "metadata.json").read_text())
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    assert metadata["version"] == "2.3.4" and "2.3.4" in metadata["changelog"]
+    assert inference["largest_component"] == [] and metadata["postprocessing"]["largest_component"] == []
+    decided = json.loads((single / "configs" / "inference.json").read_text())["largest_component"]
+    assert decided, "the run decided no post-processing: --no-postprocessing would change nothing here"
+
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert run_cli(export.main, export.get_args(["--checkpoint", str(folds["runs"][0]), "--out", str(out)])) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line == f"error: {out}: already exists and is not empty; pass --overwrite or choose another --out"
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert run_cli(export.main, export.get_args(["--checkpoint", str(folds["runs"][0]), "--out", str(out),
+                                                 "--overwrite"])) == 0
+    metadata = json.loads((out / "configs" / "metadata.json").read_text())
+    assert metadata["version"] == "0.1.0"  # the default, replacing the first export's
+    assert json.loads((out / "configs" / "inference.json").read_text())["largest_component"] == decided
 
 
 def test_metadata_names_classes_spacing_training_data_and_intended_use(folds, single):

@@ -703,6 +703,16 @@ def test_prediction_on_a_dicom_series_equals_prediction_on_its_nifti(trained, pr
     segmentation = segread(out / "MR_series_seg.dcm")
     assert segmentation.SeriesInstanceUID != series.series_uid  # its own series, referring to the MR one
     assert segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
+    # read again without the project's reader: contours and SEG frames by their own geometry
+    import dicom_readback
+    independent = dicom_readback.rtstruct_masks(out / "MR_series_rtstruct.dcm", source.affine, reference.shape)
+    for c, name in enumerate(CLASS_NAMES[2:], start=2):
+        mask = independent.get(dicom_io.roi_name(name))
+        assert (mask is None) == (not (reference == c).any()), name
+        if mask is not None:
+            np.testing.assert_array_equal(mask, reference == c, err_msg=name)
+    from_seg, _ = dicom_readback.seg_labels(out / "MR_series_seg.dcm", source.affine, reference.shape)
+    np.testing.assert_array_equal(from_seg, reference)
 
 
 def test_rtstruct_for_a_nifti_input_is_a_one_line_error(trained, predicted, tmp_path, capsys):

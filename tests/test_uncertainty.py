@@ -290,6 +290,44 @@ def test_review_settings_name_the_score_so_an_older_rule_is_refitted():
     assert older != settings
 
 
+
+@pytest.mark.parametrize("stored, refitted", [("older", True), ("current", False)])
+def test_predict_refits_a_rule_stored_without_the_score_name(tmp_path, monkeypatch, capsys, stored, refitted):
+    """predict.review_rule_for on a run whose uncertainty.json was fitted before the score was named:
+    its settings differ from this run's, so the validation volumes are evaluated again (revalidate,
+    recorded here instead of predicting) and the rule is fitted on those; with the current settings
+    the stored volumes are used as they are."""
+    import predict
+    from pelvicseg.inference import Member
+
+    settings = review_settings(False, 0.5, ["bladder", "body"])
+    written = dict(settings) if stored == "current" else {k: v for k, v in settings.items() if k != "score"}
+    scores, dice = constructed_validation(8)
+    volumes = [{"case": f"case_{n}", "patient": f"{n:03d}", "uncertainty": list(map(json_number, s)),
+                "dice": list(map(json_number, d))} for n, (s, d) in enumerate(zip(scores, dice))]
+    (tmp_path / "uncertainty.json").write_text(json.dumps({"settings": written, "volumes": volumes}))
+    member = Member(str(tmp_path / "best.pt"), {}, {}, {"class_names": list(CLASS_NAMES)}, tmp_path, {"val": []})
+    calls = []
+
+    def revalidate(members, class_names, settings_now, segmenter):
+        calls.append(settings_now)
+        return [{**v, "uncertainty": [None, None, 0.5]} for v in volumes]  # other scores, as other settings give
+
+    monkeypatch.setattr(predict, "revalidate", revalidate)
+    rule = predict.review_rule_for([member], list(CLASS_NAMES), settings, segmenter=None)
+    assert calls == ([settings] if refitted else [])
+    assert rule["settings"] == settings
+    printed = capsys.readouterr().out
+    assert ("so it is refitted on the members' validation volumes" in printed) == refitted
+    assert ("score unrecorded (an older version)" in printed) == refitted
+    fitted_on = [[None, None, 0.5]] * len(volumes) if refitted else [v["uncertainty"] for v in volumes]
+    assert rule["organs"]["bladder"]["median"] == pytest.approx(np.median([s[2] for s in fitted_on]))
+
+
+def json_number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
 # ----------------------------------------------------------------------------- review rule
 
 def constructed_validation(n_cases=20, seed=0):
@@ -481,3 +519,48 @@ def test_uncertainty_figure_shows_the_most_uncertain_axial_slice(tmp_path, axcod
     alone = tmp_path / "alone.png"
     assert save_uncertainty_figure(image, entropy, affine, alone) == z
     assert alone.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_predict_flags_every_organ_scoring_above_thresholds_refitted_on_lower_scores(tmp_path, capsys):
+    """predict.py with a seeded untrained network whose run stored validation scores of 0 (the
+    settings predict.py runs with, so nothing is revalidated): each organ's threshold is the median
+    0 plus the margin, and every organ of the case scoring above it is flagged, or, predicted in
+    every validation volume but not here, flagged as not predicted; worked out from metrics.csv.
+    A cheap check (seconds) of the flag path that the mutation canary plants 'flags = []' in."""
+    import csv
+
+    import predict
+    from conftest import AFFINE, write_case
+    from dataset import CLASS_NAMES as NAMES
+    from modules import ImprovedUNet3D
+    from pelvicseg.checkpoint import save_checkpoint
+    from pelvicseg.cli import run_cli
+
+    torch.manual_seed(0)
+    model_args = {"in_channels": 1, "out_channels": len(NAMES), "channels": [4, 8, 8, 8]}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_checkpoint({"model": ImprovedUNet3D(**model_args).state_dict(), "model_args": model_args,
+                     "class_names": list(NAMES), "config": {"spacing": [float(s) for s in np.abs(np.diag(AFFINE)[:3])],
+                                                            "roi_size": [32, 32, 16], "class_names": list(NAMES)}},
+                    run_dir / "best.pt")
+    volumes = [{"case": f"Case_00{n}_Week0", "patient": f"00{n}", "uncertainty": [0.0] * len(NAMES),
+                "dice": [1.0] * len(NAMES)} for n in (1, 2, 3)]
+    (run_dir / "uncertainty.json").write_text(json.dumps({"settings": review_settings(False, 0.5, []),
+                                                          "volumes": volumes}))
+    image, _ = write_case(tmp_path / "data", 4, 0)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_cli(predict.main, predict.get_args(["--checkpoint", str(run_dir), "--input", str(image), "--out",
+                                                   str(out), "--device", "cpu", "--no-figures", "--no-hd95"])) == 0
+    printed = capsys.readouterr().out
+    assert "refitted" not in printed
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["class"] != "background"]
+    scores = {row["class"]: float(row["uncertainty"] or "nan") for row in rows}
+    expected = {organ for organ, score in scores.items() if score > REVIEW_MARGIN or math.isnan(score)}
+    assert expected, scores  # an untrained network is unsure of its organs: the test sees a missing flag
+    summary = json.loads((out / "summary.json").read_text())
+    assert {f["organ"] for f in summary["flagged"]} == expected
+    assert {row["class"] for row in rows if row["flagged"] == "1"} == expected
+    assert "Flagged for review: 1 of 1 case(s)" in printed

@@ -622,7 +622,7 @@ def measure_onnx(args, device: torch.device, image: torch.Tensor) -> dict:
         return {"skipped": f"--roi {args.roi}: the ONNX graph takes spatial sizes that are multiples of 16"}
     from monai.inferers import sliding_window_inference
 
-    from export import export_onnx
+    from pelvicseg.inference import export_onnx
 
     torch.manual_seed(args.seed)
     model = ImprovedUNet3D(in_channels=1, out_channels=NUM_CLASSES, channels=args.channels).eval()

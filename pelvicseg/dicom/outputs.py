@@ -48,11 +48,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ImplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from dataset import DataError
+from pelvicseg.errors import DataError
 from pelvicseg.dicom.pixels import load_series, series_to_nifti
 from pelvicseg.dicom.series import (LPS_TO_RAS, DicomSeries, describe, find_series, is_dicom_folder, read_dicom, read_header,
                           scan_series)
-from pelvicseg.figures import class_colours
+from pelvicseg.palette import class_colours
 
 __all__ = [  # the writers, and the reading side's names for callers of the single-module API
     "write_rtstruct", "write_seg", "read_rtstruct_masks", "mask_polygons", "roi_name", "parse_roi_names",
@@ -247,7 +247,7 @@ def write_rtstruct(labels: np.ndarray, series: DicomSeries, class_names: Sequenc
 
     One ROI per class that has voxels, except background (class 0), numbered as its class,
     named by ``roi_name`` (TG-263 unless ``roi_names`` says otherwise) and coloured like the
-    figures (``figures.class_colours``) unless ``colours`` (any matplotlib colours, one per
+    figures (``palette.class_colours``) unless ``colours`` (any matplotlib colours, one per
     class) is given; a class without voxels is left out (``absent_classes``). Contours are closed
     planar polygons in patient coordinates (mm) on the image slices, holes as keyholes
     (``mask_polygons``).

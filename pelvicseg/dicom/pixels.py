@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.uid import UID
 
-from dataset import DataError
+from pelvicseg.errors import DataError
 from pelvicseg.dicom.series import DicomSeries, read_dicom
 
 log = logging.getLogger("hipmri")
