@@ -18,8 +18,6 @@ the parent, the reference scans, the setting, and parent and adapted Dice on the
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pelvicseg.atomic import write_bytes, write_json
 from pelvicseg.adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
                         evaluate_cases, fine_tune, grid_of, load_parent, mean_foreground,
                         patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
@@ -185,9 +184,9 @@ def adapt_one(args: argparse.Namespace) -> dict:
     save_checkpoint(state, out / "best.pt")
     for name in RUN_FILES:
         if (parent.member.run_dir / name).exists():
-            shutil.copyfile(parent.member.run_dir / name, out / name)
-    (out / "config.json").write_text(json.dumps(json_ready(parent.member.config), indent=2) + "\n")
-    (out / "adapted.json").write_text(json.dumps(json_ready(record), indent=2) + "\n")
+            write_bytes(out / name, (parent.member.run_dir / name).read_bytes())
+    write_json(out / "config.json", json_ready(parent.member.config))
+    write_json(out / "adapted.json", json_ready(record))
     print(f"Reference scans' mean foreground Dice: parent {parent_dice:.4f}, adapted {adapted_dice:.4f} "
           f"({train_seconds:.1f} s of fine-tuning, {seconds:.1f} s in all)", flush=True)
     if used:
@@ -257,7 +256,7 @@ def choose(args: argparse.Namespace) -> dict:
         print(f"  steps {row['steps']:4d}  lr {row['lr'] or 0:8.1e}  augment {str(row['augment']):5s}  "
               f"mean foreground Dice {row['mean_fg_dice']:.4f}  ({row['weeks']} weeks)")
     print(f"Chosen: {chosen['steps']} steps, lr {chosen['lr']:g}, augment {chosen['augment']} -> {target}")
-    target.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    write_json(target, json_ready(result))
     return result
 
 
@@ -298,7 +297,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     seconds = outcome["seconds"]
     print(f"  mean foreground Dice {result['parent']['mean_fg_dice']:.4f} -> {result['adapted']['mean_fg_dice']:.4f}; "
           f"fine-tuning {np.mean(seconds):.1f} s per patient (max {np.max(seconds):.1f} s) on {device}")
-    target.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    write_json(target, json_ready(result))
     print(f"Written: {target}")
     return result
 
