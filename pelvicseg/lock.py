@@ -9,6 +9,7 @@ taking over the same stale lock, the one whose record is there holds it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -60,13 +61,14 @@ class FolderLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        self.held = False
+        self.held = self.created = False
 
     def record(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": self.command}
 
     def acquire(self) -> FolderLock:
+        self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         mine = self.record()
         try:
@@ -109,6 +111,8 @@ class FolderLock:
             if (self._read() or {}).get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
+            if self.created and not any(self.folder.iterdir()):
+                self.folder.rmdir()  # a command that stopped before writing anything leaves no folder
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
@@ -116,3 +120,11 @@ class FolderLock:
     def __exit__(self, *exc) -> bool:
         self.release()
         return False
+
+
+def lock_on_main_rank(folder: str | Path):
+    """The folder's lock, taken by the one process of a run or by rank 0 under torchrun (RANK set
+    before the process group exists); the other ranks write only where rank 0 tells them."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return FolderLock(folder)
