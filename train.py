@@ -308,7 +308,15 @@ def setup_run(args: argparse.Namespace) -> tuple[Context, Path, dict | None]:
     if context.is_main and not args.resume and (last_path.exists() or best_path.exists()):
         raise DataError(f"{run_dir}: already holds a run (last.pt/best.pt); pass --resume to continue it "
                         "or choose another --out")
-    resume_state = load_checkpoint(last_path) if args.resume else None
+    resume_state = None
+    if args.resume and not last_path.exists():
+        # Killed before its first epoch's last.pt (best.pt, written just before it, may be there):
+        # nothing to resume, the run starts again at epoch 1.
+        if context.is_main:
+            print(f"{run_dir}: no last.pt to resume (the run ended before its first epoch did); starting at epoch 1",
+                  flush=True)
+    elif args.resume:
+        resume_state = load_checkpoint(last_path)
     if resume_state is not None:
         if "optimizer" not in resume_state:
             raise DataError(f"{last_path}: holds weights only, not the state to resume a run")
