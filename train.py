@@ -193,7 +193,9 @@ def write_metrics_row(path: Path, row: dict) -> None:
     rows = []
     if path.exists():
         with open(path, newline="") as handle:
-            rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) < int(row["epoch"])]
+            # the new row's columns for every row: a run resumed by a version that adds one stays one table
+            rows = [{key: r.get(key, "") for key in row} for r in csv.DictReader(handle)
+                    if int(r["epoch"]) < int(row["epoch"])]
     write_rows(rows + [row], path)
 
 

@@ -92,7 +92,7 @@ def test_ddp_rank_zero_alone_writes_the_run_folder(ddp_run):
     for name in ("config.json", "splits.json", "metrics.csv", "training_curves.png", "last.pt", "best.pt"):
         assert (run_dir / name).is_file(), f"{name} missing"
     assert [r["epoch"] for r in metrics_rows(run_dir / "metrics.csv")] == ["1"]  # one row, not one per rank
-    assert not list(run_dir.glob(".*tmp*")), "temporary checkpoint files left behind"
+    assert not list(run_dir.glob(".partial-*")), "temporary checkpoint files left behind"
     state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"]), "DDP wrapper prefix saved in the weights"
     assert state["epoch"] == 1

@@ -40,6 +40,7 @@ from pelvicseg import phantom  # noqa: E402
 from pelvicseg.atomic import PARTIAL_PREFIX  # noqa: E402
 from pelvicseg.cli import run_cli  # noqa: E402
 from pelvicseg.lock import LOCK_NAME  # noqa: E402
+from conftest import run_in_process_group  # noqa: E402
 
 TINY = ["--epochs", "1", "--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0",
         "--device", "cpu", "--no-amp"]
@@ -265,4 +266,22 @@ def test_a_file_size_limit_ends_the_run_in_one_line_naming_the_file(trained):
     finished = predict_process([*trained["command"], "--continue"], out)
     stdout, stderr = finished.communicate(timeout=RUN_TIMEOUT_S)
     assert finished.returncode == 0, stderr[-3000:]
+    assert_same_as_reference(out, trained["reference"])
+
+
+def test_continue_under_torchrun_predicts_only_the_missing_cases(trained):
+    """Two gloo ranks finish a run that lacks two of its cases (one a record short: killed between
+    its files and its record): the same files as the uninterrupted run."""
+    out = trained["root"] / "torchrun"
+    shutil.copytree(trained["reference"], out)
+    for case in sorted(p.name[:-len("_record.json")] for p in out.glob("*_record.json"))[1:3]:
+        (out / f"{case}_record.json").unlink()
+    (out / "Case_005_Week2_pred.nii.gz").unlink()
+    for name in RUN_FILES:
+        (out / name).unlink()
+    result = run_in_process_group(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                                   "predict.py", *trained["command"], "--out", str(out), "--continue"], RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 of 4 case(s) complete, 2 to predict" in result.stdout and "x 2 process(es)" in result.stdout
+    assert result.stderr.count("predicting: 1 of 1 done") == 2  # one case on each rank
     assert_same_as_reference(out, trained["reference"])
