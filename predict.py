@@ -442,11 +442,12 @@ def open_run(args: argparse.Namespace, ranks, lock: FolderLock) -> Run:
     roi_names = parse_roi_names(args.roi_names, class_names)
     cases, series_by_case, skipped, warnings = input_cases(args, members)
     out = Path(args.out)
-    if out.exists():  # a command still writing there is named before anything else is said about the folder
+    existed = ranks.from_main(out.exists)  # decided once: rank 0 may make the folder while another rank looks
+    if existed:  # a command still writing there is named before anything else is said about the folder
         ranks.raise_first(take(lock) if ranks.is_main else None)
     check_output_folder(out, [args.data_root, args.input], cases, args.overwrite or args.continue_run)
     weeks = patient_weeks(cases, args.patient_of)  # a --patient-of that misses a case stops here, before any write
-    if not lock.held:
+    if not existed:
         ranks.raise_first(take(lock) if ranks.is_main else None)
     wanted, todo_ids = ranks.from_main(lambda: plan_cases(args, ranks, members, cases, series_by_case))
     todo = [c for c in cases if c.case_id in todo_ids]
