@@ -441,11 +441,12 @@ def open_run(args: argparse.Namespace, ranks, lock: FolderLock) -> Run:
     class_names = list(members[0].config["class_names"])
     roi_names = parse_roi_names(args.roi_names, class_names)
     cases, series_by_case, skipped, warnings = input_cases(args, members)
-    out = Path(args.out)
+    out, inputs = Path(args.out), [args.data_root, args.input]
+    check_output_folder(out, inputs, cases, overwrite=True)  # not into the data: checked before the lock is made
     existed = ranks.from_main(out.exists)  # decided once: rank 0 may make the folder while another rank looks
-    if existed:  # a command still writing there is named before anything else is said about the folder
+    if existed:  # a command still writing there is named before the outputs it is writing
         ranks.raise_first(take(lock) if ranks.is_main else None)
-    check_output_folder(out, [args.data_root, args.input], cases, args.overwrite or args.continue_run)
+    check_output_folder(out, inputs, cases, args.overwrite or args.continue_run)
     weeks = patient_weeks(cases, args.patient_of)  # a --patient-of that misses a case stops here, before any write
     if not existed:
         ranks.raise_first(take(lock) if ranks.is_main else None)
