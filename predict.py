@@ -21,7 +21,7 @@ import numpy as np
 from pelvicseg.checkpoint import CheckpointError
 from pelvicseg.cli import run_cli
 from pelvicseg.atomic import write_json
-from pelvicseg.distributed import setup_distributed
+from pelvicseg.distributed import gather_lists, setup_distributed
 from pelvicseg.lock import FolderLock, FolderLocked
 from dataset import Case, DataError, LoadValidated, cases_from_input, cases_in, drop_trailing_singletons, find_cases
 from pelvicseg.dicom.outputs import absent_classes, parse_roi_names, write_rtstruct, write_seg
@@ -426,8 +426,8 @@ def main(args: argparse.Namespace) -> dict:
     try:
         run = open_run(args, ranks, lock)
         segmenter, rule = prepare_prediction(args, ranks, run)
-        predict_cases(args, ranks, run, segmenter, rule)
-        summary = write_run_files(args, run, segmenter, rule) if ranks.is_main else {}
+        records = predict_cases(args, ranks, run, segmenter, rule)
+        summary = write_run_files(args, run, segmenter, rule, records) if ranks.is_main else {}
     finally:
         lock.release()
     ranks.close()
@@ -553,10 +553,11 @@ def prepare_prediction(args: argparse.Namespace, ranks, run: Run) -> tuple[Segme
     return segmenter, rule
 
 
-def predict_cases(args: argparse.Namespace, ranks, run: Run, segmenter: Segmenter, rule: dict | None) -> None:
+def predict_cases(args: argparse.Namespace, ranks, run: Run, segmenter: Segmenter, rule: dict | None) -> dict:
     """Each rank its share of the cases to predict: the case's files, then its record (last, so a
-    case with a record is whole). All ranks have finished when this returns."""
-    mine = ranks.share(run.todo)
+    case with a record is whole). Returns every rank's new records by case id, gathered over the
+    process group (the ranks' --out need not be one shared folder)."""
+    mine, records = ranks.share(run.todo), {}
     for case in progress(mine, "predicting") if not sys.stderr.isatty() else mine:
         # The old record goes first: a case killed half-way through being predicted again must not
         # pass for complete on the strength of the record of its earlier outputs.
@@ -572,16 +573,19 @@ def predict_cases(args: argparse.Namespace, ranks, run: Run, segmenter: Segmente
         report = result["report"]
         outputs = [report["prediction_path"], report["uncertainty_path"], *report["figures"],
                    *[report[key] for key in ("rtstruct_path", "seg_path") if key in report]]
-        write_record(run.out, case.case_id, run.made_with, input_of(case, run.series_by_case), outputs, result)
-    ranks.barrier()  # every rank's records are written before rank 0 reads them
+        records[case.case_id] = write_record(run.out, case.case_id, run.made_with, input_of(case, run.series_by_case),
+                                             outputs, result)
+    return {case_id: record for part in gather_lists([records], ranks) for case_id, record in part.items()}
 
 
-def write_run_files(args: argparse.Namespace, run: Run, segmenter: Segmenter, rule: dict | None) -> dict:
+def write_run_files(args: argparse.Namespace, run: Run, segmenter: Segmenter, rule: dict | None,
+                    records: dict) -> dict:
     """metrics.csv, summary.json, longitudinal.csv, the run's figures and report.html, from the
-    cases' records alone (so a continued run writes what an uninterrupted one does), then the
-    tables on the console."""
+    cases' records alone (this run's, and for the cases an earlier run completed, theirs on disk),
+    so a continued run writes what an uninterrupted one does; then the tables on the console."""
     out, class_names, members = run.out, run.class_names, run.members
-    results = [result_from_record(read_record(record_path(out, case.case_id)), case) for case in run.cases]
+    results = [result_from_record(records.get(case.case_id) or read_record(record_path(out, case.case_id)), case)
+               for case in run.cases]
     write_rows([row for r in results for row in r["rows"]], out / "metrics.csv")
     labelled = [r for r in results if r["dice"] is not None]
     checkpoint = [m.path for m in members] if len(members) > 1 else members[0].path

@@ -82,13 +82,14 @@ def case_status(out: Path, case_id: str, wanted: dict, input_id: dict) -> tuple[
     return "complete", None
 
 
-def write_record(out: Path, case_id: str, wanted: dict, input_id: dict, outputs: Sequence[str], result: dict) -> Path:
-    """The case's record, last of its files. ``result``: predict.py's figures of the case (arrays
-    and NaN allowed; stored as lists and null)."""
+def write_record(out: Path, case_id: str, wanted: dict, input_id: dict, outputs: Sequence[str], result: dict) -> dict:
+    """The case's record, last of its files, and returned as ``read_record`` would read it back.
+    ``result``: predict.py's figures of the case (arrays and NaN allowed; stored as lists and null)."""
     kept = {key: value for key, value in result.items() if key not in ("case", "labels")}
-    return write_json(record_path(out, case_id), json_ready(_plain({
-        "format": RECORD_FORMAT, "case": case_id, "input": input_id, "made_with": wanted,
-        "outputs": list(outputs), "result": kept})))
+    record = json_ready(_plain({"format": RECORD_FORMAT, "case": case_id, "input": input_id, "made_with": wanted,
+                                "outputs": list(outputs), "result": kept}))
+    write_json(record_path(out, case_id), record)
+    return record
 
 
 def result_from_record(record: dict, case) -> dict:
