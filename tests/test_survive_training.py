@@ -8,9 +8,11 @@ as an uninterrupted run's (the seconds columns excepted: time is not reproducibl
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ import train  # noqa: E402
 from pelvicseg.atomic import PARTIAL_PREFIX  # noqa: E402
 from pelvicseg.checkpoint import load_checkpoint  # noqa: E402
 from pelvicseg.cli import run_cli  # noqa: E402
+from pelvicseg.lock import LOCK_NAME  # noqa: E402
 
 EPOCHS = 3
 TINY = ["--epochs", str(EPOCHS), "--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers",
@@ -121,3 +124,20 @@ def test_training_killed_anywhere_resumes_to_the_uninterrupted_rows(uninterrupte
     for t in trials:
         print(f"  {t['kind']:5s} {t['rows']} {t['delay_s']:.2f} {t['rows_at_kill']} {t['last_epoch']} {t['partials']}")
     assert any(t["partials"] for t in trials), "no kill landed in the middle of a write"
+
+
+def test_training_into_a_folder_in_use_is_refused_in_one_line(training_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                                 "started": "earlier", "command": "train.py (test)"}))
+        capsys.readouterr()
+        code = run_cli(train.main, train_args(training_root, out))
+        lines = capsys.readouterr().err.strip().splitlines()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and len(lines) == 1 and f"{out}: in use by pid {holder.pid}" in lines[0], lines
+    assert sorted(os.listdir(out)) == [LOCK_NAME]  # nothing else was written
