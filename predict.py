@@ -441,15 +441,8 @@ def open_run(args: argparse.Namespace, ranks, lock: FolderLock) -> Run:
     class_names = list(members[0].config["class_names"])
     roi_names = parse_roi_names(args.roi_names, class_names)
     cases, series_by_case, skipped, warnings = input_cases(args, members)
-    out, inputs = Path(args.out), [args.data_root, args.input]
-    check_output_folder(out, inputs, cases, overwrite=True)  # not into the data: checked before the lock is made
-    existed = ranks.from_main(out.exists)  # decided once: rank 0 may make the folder while another rank looks
-    if existed:  # a command still writing there is named before the outputs it is writing
-        ranks.raise_first(take(lock) if ranks.is_main else None)
-    check_output_folder(out, inputs, cases, args.overwrite or args.continue_run)
-    weeks = patient_weeks(cases, args.patient_of)  # a --patient-of that misses a case stops here, before any write
-    if not existed:
-        ranks.raise_first(take(lock) if ranks.is_main else None)
+    out = Path(args.out)
+    weeks = claim_out_folder(args, ranks, lock, cases)
     wanted, todo_ids = ranks.from_main(lambda: plan_cases(args, ranks, members, cases, series_by_case))
     todo = [c for c in cases if c.case_id in todo_ids]
     undecodable = ranks.from_main(lambda: convert_series(todo, series_by_case)) if series_by_case else []
@@ -472,6 +465,22 @@ def open_run(args: argparse.Namespace, ranks, lock: FolderLock) -> Run:
         error = named_for_series(problem, cases, series_by_case)
     ranks.raise_first(error)
     return Run(out, members, class_names, cases, todo, wanted, series_by_case, skipped, warnings, weeks, roi_names)
+
+
+def claim_out_folder(args: argparse.Namespace, ranks, lock: FolderLock, cases: Sequence[Case]) -> dict:
+    """--out checked (never in the data; earlier outputs replaced only with --overwrite or
+    --continue) and locked by rank 0; returns the cases' patients and weeks (a --patient-of that
+    misses a case stops the run here, before anything is written)."""
+    out, inputs = Path(args.out), [args.data_root, args.input]
+    check_output_folder(out, inputs, cases, overwrite=True)  # not into the data: checked before the lock is made
+    existed = ranks.from_main(out.exists)  # decided once: rank 0 may make the folder while another rank looks
+    if existed:  # a command still writing there is named before the outputs it is writing
+        ranks.raise_first(take(lock) if ranks.is_main else None)
+    check_output_folder(out, inputs, cases, args.overwrite or args.continue_run)
+    weeks = patient_weeks(cases, args.patient_of)
+    if not existed:
+        ranks.raise_first(take(lock) if ranks.is_main else None)
+    return weeks
 
 
 def take(lock: FolderLock) -> FolderLocked | None:
