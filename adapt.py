@@ -18,7 +18,7 @@ the parent, the reference scans, the setting, and parent and adapted Dice on the
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import shutil
 import sys
 import time
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pelvicseg.atomic import write_bytes, write_json
 from pelvicseg.adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
                         evaluate_cases, fine_tune, grid_of, load_parent, mean_foreground,
                         patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
@@ -34,8 +35,10 @@ from pelvicseg.checkpoint import file_sha256, save_checkpoint
 from pelvicseg.cli import run_cli
 from dataset import Case, case_id_from_path, find_cases
 from pelvicseg.errors import DataError
-from pelvicseg.inference import resolve_device
+from pelvicseg.inference import checkpoint_path, resolve_device
+from pelvicseg.lock import FolderLock
 from pelvicseg.metrics import json_ready
+from pelvicseg.records import read_record
 
 EVALUATION_FILE = "adaptation_test.json"  # in the parent run: the protocol on its test patients
 RUN_FILES = ("postprocessing.json", "uncertainty.json", "splits.json")  # the parent's, kept by the adapted run
@@ -186,9 +189,9 @@ def adapt_one(args: argparse.Namespace) -> dict:
     save_checkpoint(state, out / "best.pt")
     for name in RUN_FILES:
         if (parent.member.run_dir / name).exists():
-            shutil.copyfile(parent.member.run_dir / name, out / name)
-    (out / "config.json").write_text(json.dumps(json_ready(parent.member.config), indent=2) + "\n")
-    (out / "adapted.json").write_text(json.dumps(json_ready(record), indent=2) + "\n")
+            write_bytes(out / name, (parent.member.run_dir / name).read_bytes())
+    write_json(out / "config.json", json_ready(parent.member.config))
+    write_json(out / "adapted.json", json_ready(record))
     print(f"Reference scans' mean foreground Dice: parent {parent_dice:.4f}, adapted {adapted_dice:.4f} "
           f"({train_seconds:.1f} s of fine-tuning, {seconds:.1f} s in all)", flush=True)
     if used:
@@ -237,6 +240,41 @@ def open_run(run: str, args: argparse.Namespace, file_name: str) -> tuple[Parent
     return parent, target, cases
 
 
+def progress_folder(target: Path) -> Path:
+    """Where --choose-on-validation and --evaluate keep each patient's finished part until the
+    whole file is written: RUN/adaptation_progress/ for RUN/adaptation.json, and so on."""
+    return target.with_name(f"{target.stem}_progress")
+
+
+def protocol_kept(parent: Parent, patients: dict[str, list[Case]], grid: Sequence[dict], milestones: Sequence[int],
+                  device, seed: int, hd95: bool, target: Path) -> dict:
+    """``run_protocol`` one patient at a time, each patient's records kept (atomically) in
+    progress_folder(target)/<patient>.json with what made them: a command stopped half-way
+    (killed, out of disk) and run again takes the patients already done, and adapts again, saying
+    why in one line, a patient whose part was made otherwise. Patients are independent (each
+    adaptation starts from the parent, seeded by ``seed``), so the records are those of one run."""
+    folder = progress_folder(target)
+    records, seconds = [], []
+    for patient, weeks in patients.items():
+        made_by = json_ready({"parent_sha256": file_sha256(parent.path), "weeks": [c.case_id for c in weeks],
+                              "grid": list(grid), "milestones": list(milestones), "seed": seed,
+                              "device": str(device.type), "hd95": hd95})
+        path = folder / f"{patient}.json"
+        kept = read_record(path)
+        if kept is not None and kept.get("made_by") == made_by:
+            print(f"  patient {patient}: taken from {path} (done by an earlier run of this command)", flush=True)
+            outcome = kept["outcome"]
+        else:
+            if kept is not None:
+                changed = next(k for k in made_by if (kept.get("made_by") or {}).get(k) != made_by[k])
+                print(f"  patient {patient}: {path} was made with another {changed}; adapting again", flush=True)
+            outcome = run_protocol(parent, {patient: weeks}, grid, milestones, device, seed, hd95=hd95)
+            write_json(path, json_ready({"made_by": made_by, "outcome": outcome}))
+        records += outcome["records"]
+        seconds += outcome["seconds"]
+    return {"records": records, "seconds": seconds}
+
+
 def choose(args: argparse.Namespace) -> dict:
     """--choose-on-validation: the grid on the validation patients; the best setting to adaptation.json."""
     parent, target, cases = open_run(args.choose_on_validation, args, SETTINGS_FILE)
@@ -246,7 +284,7 @@ def choose(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     print(f"Choosing the adaptation on {len(patients)} validation patient(s) ({', '.join(patients)}): "
           f"{len(grid)} (lr, augment) x steps {milestones}", flush=True)
-    outcome = run_protocol(parent, patients, grid, milestones, device, args.seed)
+    outcome = protocol_kept(parent, patients, grid, milestones, device, args.seed, False, target)
     num_classes = len(parent.class_names)
     table = table_of(outcome["records"], num_classes)
     chosen = choose_from(table)
@@ -258,7 +296,8 @@ def choose(args: argparse.Namespace) -> dict:
         print(f"  steps {row['steps']:4d}  lr {row['lr'] or 0:8.1e}  augment {str(row['augment']):5s}  "
               f"mean foreground Dice {row['mean_fg_dice']:.4f}  ({row['weeks']} weeks)")
     print(f"Chosen: {chosen['steps']} steps, lr {chosen['lr']:g}, augment {chosen['augment']} -> {target}")
-    target.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    write_json(target, json_ready(result))
+    shutil.rmtree(progress_folder(target), ignore_errors=True)
     return result
 
 
@@ -274,8 +313,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     print(f"Adapting each of {len(patients)} test patient(s) on its first week: {settings['steps']} steps, lr "
           f"{settings['lr']:g}, augment {settings['augment']} [{source}] on {device}", flush=True)
     grid = [{"lr": settings["lr"], "augment": settings["augment"]}]
-    outcome = run_protocol(parent, patients, grid, sorted({0, settings["steps"]}), device, args.seed,
-                           hd95=not args.no_hd95)
+    outcome = protocol_kept(parent, patients, grid, sorted({0, settings["steps"]}), device, args.seed,
+                            not args.no_hd95, target)
     records, class_names = outcome["records"], parent.class_names
     before = [r for r in records if r["steps"] == 0]
     after = [r for r in records if r["steps"] == settings["steps"]]
@@ -299,17 +338,22 @@ def evaluate(args: argparse.Namespace) -> dict:
     seconds = outcome["seconds"]
     print(f"  mean foreground Dice {result['parent']['mean_fg_dice']:.4f} -> {result['adapted']['mean_fg_dice']:.4f}; "
           f"fine-tuning {np.mean(seconds):.1f} s per patient (max {np.max(seconds):.1f} s) on {device}")
-    target.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    write_json(target, json_ready(result))
+    shutil.rmtree(progress_folder(target), ignore_errors=True)
     print(f"Written: {target}")
     return result
 
 
 def main(args: argparse.Namespace) -> dict:
-    if args.choose_on_validation:
-        return choose(args)
-    if args.evaluate:
-        return evaluate(args)
-    return adapt_one(args)
+    """One command at a time in the folder written: the parent run's, or --out."""
+    run = args.choose_on_validation or args.evaluate
+    folder = checkpoint_path(run).parent if run else Path(args.out) if args.out else None
+    with FolderLock(folder) if folder is not None and not folder.is_file() else contextlib.nullcontext():
+        if args.choose_on_validation:
+            return choose(args)
+        if args.evaluate:
+            return evaluate(args)
+        return adapt_one(args)
 
 
 if __name__ == "__main__":

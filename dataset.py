@@ -28,6 +28,7 @@ from monai import transforms as mt
 from monai.data import CacheDataset, MetaTensor, NibabelReader, image_reader
 from monai.utils import ensure_tuple
 
+from pelvicseg.atomic import write_text
 from pelvicseg.errors import DataError, unwrap_data_error  # noqa: F401 - unwrap_data_error for older callers
 
 log = logging.getLogger("hipmri")
@@ -269,7 +270,7 @@ def load_or_make_split(cases: Sequence[Case], split_file: str | Path, seed: int 
             stored = {"test": split["test"], "folds": make_folds(patients, split["test"], folds, seed), "seed": seed}
             split = resolve_fold(stored, fold)
         split_file.parent.mkdir(parents=True, exist_ok=True)
-        split_file.write_text(json.dumps(stored, indent=2) + "\n")
+        write_text(split_file, json.dumps(stored, indent=2) + "\n")
     assigned = [p for part in ("train", "val", "test") for p in split[part]]
     if len(assigned) != len(set(assigned)):
         raise DataError(f"{split_file}: a patient is listed in two splits")

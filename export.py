@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
+import errno
 import graphlib
 import importlib
 import inspect
@@ -49,7 +50,7 @@ import dataset
 from pelvicseg import bundle_components as components
 from pelvicseg.checkpoint import file_sha256, load_checkpoint
 from pelvicseg.cli import run_cli
-from pelvicseg.errors import CheckpointError, DataError, ExportError
+from pelvicseg.errors import CheckpointError, DataError, ExportError, WriteError
 from pelvicseg.inference import (ONNX_OPSET, PREDICTION_OVERLAP, TRACE_SHAPE, Member, export_onnx, load_members,
                                  postprocessing_for, quiet_tracing)
 from modules import ImprovedUNet3D
@@ -711,10 +712,18 @@ def main(args: argparse.Namespace) -> Path:
         export_torchscript(network, staging / "models" / "model.ts", meta, inference)
         export_onnx(network, staging / "models" / "model.onnx", onnx_properties(meta))
         errors = check_exports(network, staging / "models")
-        if out.exists():
-            shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        # The old bundle is moved aside, not deleted first: a kill between the two renames leaves
+        # it whole under the hidden name, never a half-deleted bundle under the final one.
+        previous = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, previous)
         os.replace(staging, out)
+        if previous.exists():
+            shutil.rmtree(previous)
+    except OSError as error:
+        raise WriteError(error.errno or errno.EIO, f"{out}: could not be written ({error.strerror or error}); "
+                         "no partial bundle was left under that name") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -11,28 +11,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from pelvicseg.cli import run_cli
 from dataset import Case, LoadValidated, cases_from_input, cases_in, drop_trailing_singletons, find_cases
-from pelvicseg.errors import CheckpointError, DataError
+from pelvicseg.atomic import write_json
+from pelvicseg.distributed import gather_lists, setup_distributed
+from pelvicseg.errors import CheckpointError, DataError, FolderLocked
+from pelvicseg.lock import FolderLock
 from pelvicseg.dicom.outputs import absent_classes, parse_roi_names, write_rtstruct, write_seg
 from pelvicseg.dicom.pixels import series_to_nifti
 from pelvicseg.dicom.series import SkippedSeries, check_output_requirements, is_dicom_folder, scan_series, select_series
-from pelvicseg.inference import (PREDICTION_OVERLAP, load_members, load_source, pooled_validation_volumes, resolve_device,
+from pelvicseg.inference import (PREDICTION_OVERLAP, load_members, load_source, pooled_validation_volumes,
                        write_prediction)
 from pelvicseg.longitudinal import (LONGITUDINAL_CSV, VOLUME_CHANGE, patient_weeks, summary_line, volume_change_fraction,
                           write_longitudinal)
 from pelvicseg.metrics import json_ready, nan_mean, print_table, summarise, write_rows
 from pelvicseg.progress import progress
+from pelvicseg.records import (case_status, made_with, read_record, record_path, result_from_record,
+                               write_record)
 from pelvicseg.report import write_report
 from pelvicseg.segmenter import ENGINES, Segmenter
 from pelvicseg.uncertainty import (describe_held_out, fit_from_volumes, flag_case, rank_correlation, review_settings,
@@ -94,7 +96,14 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "fraction of the first week: on HipMRI that is Week0, the scan before treatment that later "
                         "weeks are compared with, and the organs differ in size by a factor of hundreds (prostate "
                         "tens of ml, body litres), so one fraction fits them all where a change in ml would not")
-    parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files already in --out (with --continue: predict again the cases made with "
+                        "other checkpoints or settings, instead of refusing them)")
+    parser.add_argument("--continue", dest="continue_run", action="store_true",
+                        help="finish a run in --out that was stopped (killed, out of disk): predict only the cases "
+                        "not complete (a case is complete when its <case>_record.json names these checkpoints and "
+                        "settings and all its files exist), then rebuild metrics, summary and report from all of them; "
+                        "a case made with other checkpoints or settings is refused unless --overwrite")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures (the report then has none)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slow metric)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -187,7 +196,7 @@ def select_cases(args: argparse.Namespace, split: dict | None, checkpoint: str) 
 
 def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: Sequence[Case], overwrite: bool) -> None:
     """Never write into the data: refuse an --out inside an input folder or beside an input file,
-    and refuse to replace earlier outputs unless --overwrite."""
+    and refuse to replace earlier outputs unless ``overwrite`` (--overwrite or --continue)."""
     out_resolved = out.resolve()
     owners: dict[str, Case] = {}
     for case in cases:  # file systems that ignore case would write both into one file
@@ -205,11 +214,13 @@ def check_output_folder(out: Path, input_folders: Sequence[str | None], cases: S
         return
     planned = ([out / f"{c.case_id}_{kind}.nii.gz" for c in cases for kind in ("pred", "uncertainty")]
                + [out / f"{c.case_id}_{kind}.dcm" for c in cases for kind in ("rtstruct", "seg")]
+               + [record_path(out, c.case_id) for c in cases]
                + [out / name for name in ("metrics.csv", "summary.json", "report.html", LONGITUDINAL_CSV)])
     existing = [p for p in planned if p.exists()]
     if existing:
         raise DataError(f"{existing[0]}: already exists ({len(existing)} output files would be replaced); "
-                        "pass --overwrite or choose another --out")
+                        "pass --continue to finish a stopped run, --overwrite to predict everything again, or "
+                        "choose another --out")
 
 
 def review_rule_for(members, class_names: Sequence[str], settings: dict, segmenter: Segmenter) -> dict | None:
@@ -393,103 +404,53 @@ def precision_recall(flagged: np.ndarray, poor: np.ndarray, suffix: str) -> dict
 
 
 @dataclass
-class Ranks:
-    """The processes of one prediction run: under torchrun the cases are split over them (rank r
-    predicts cases r, r + N, ...) and rank 0 gathers the results in case order and writes the
-    run's files; alone, one process does everything. NCCL with one GPU per process (cuda:LOCAL_RANK)
-    where it predicts on CUDA, gloo otherwise, as train.py sets up its processes."""
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    distributed: bool = False
-
-    @classmethod
-    def start(cls, device_name: str) -> Ranks:
-        device = resolve_device(device_name)
-        if "WORLD_SIZE" not in os.environ:
-            return cls(device)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(device, dist.get_rank(), dist.get_world_size(), True)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def share(self, cases: Sequence) -> list:
-        return list(cases[self.rank::self.world_size])
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
-
-    def from_main(self, compute: Callable[[], object]):
-        """``compute()`` on rank 0 alone (it may print or refit), its result on every rank."""
-        value = [compute() if self.is_main else None]
-        if self.distributed:
-            dist.broadcast_object_list(value, src=0)
-        return value[0]
-
-    def raise_first(self, error: DataError | None) -> None:
-        """The error on every rank when any rank met one, so all stop before anything is written."""
-        if not self.distributed:
-            if error is not None:
-                raise error
-            return
-        errors = [None] * self.world_size
-        dist.all_gather_object(errors, None if error is None else str(error))
-        first = next((e for e in errors if e), None)
-        if first:
-            raise DataError(first)
-
-    def gather(self, results: list) -> list | None:
-        """Every rank's results on rank 0 in the order of the cases (None on the others)."""
-        if not self.distributed:
-            return results
-        parts = [None] * self.world_size if self.is_main else None
-        dist.gather_object(results, parts, dst=0)
-        if not self.is_main:
-            return None
-        total = sum(len(part) for part in parts)
-        return [parts[i % self.world_size][i // self.world_size] for i in range(total)]
-
-    def close(self) -> None:
-        if self.distributed:
-            dist.destroy_process_group()
+class Run:
+    """What the steps of one prediction run share."""
+    out: Path
+    members: list
+    class_names: list
+    cases: list  # every case of the run, in order: the reports cover them all
+    todo: list  # the cases this command predicts: all, or under --continue those not complete
+    made_with: dict  # checkpoints (sha256) and settings, as each case's record states them
+    series_by_case: dict
+    skipped: list
+    warnings: list
+    weeks: dict
+    roi_names: dict
 
 
 def main(args: argparse.Namespace) -> dict:
     # ONNX Runtime runs on the CPU, so its processes talk over gloo whatever --device says.
-    ranks = Ranks.start(args.device if args.engine == "torch" else "cpu")
+    ranks = setup_distributed(args.device if args.engine == "torch" else "cpu")
+    lock = FolderLock(args.out)
+    try:
+        run = open_run(args, ranks, lock)
+        segmenter, rule = prepare_prediction(args, ranks, run)
+        records = predict_cases(args, ranks, run, segmenter, rule)
+        summary = write_run_files(args, run, segmenter, rule, records) if ranks.is_main else {}
+    finally:
+        lock.release()
+    ranks.close()
+    return summary
+
+
+def open_run(args: argparse.Namespace, ranks, lock: FolderLock) -> Run:
+    """The checkpoints, the cases (NIfTI or DICOM), --out checked and locked, and the cases to
+    predict; every input read and checked before anything is written."""
     members = load_members(args.checkpoint)
-    config = members[0].config
-    class_names = list(config["class_names"])
-    spacing, roi_size = config["spacing"], config.get("roi_size")
-    first_checkpoint = members[0].path
-    out = Path(args.out)
-    series_by_case, skipped, warnings = {}, [], []
+    class_names = list(members[0].config["class_names"])
     roi_names = parse_roi_names(args.roi_names, class_names)
-    if args.input and is_dicom_folder(args.input):
-        cases, series_by_case, skipped, warnings = dicom_cases(args, members[0].modality)
-    else:
-        if set(args.output_format) - {"nifti"}:
-            raise DataError(f"{args.input or args.data_root}: --output-format "
-                            f"{' '.join(sorted(set(args.output_format) - {'nifti'}))} needs a DICOM series as --input "
-                            "(an RTSTRUCT or SEG must refer to the images it was drawn on)")
-        if args.series or args.allow_modality:
-            raise DataError(f"{args.input or args.data_root}: --series and --allow-modality choose among DICOM "
-                            "series, and this input is not a DICOM folder")
-        cases = select_cases(args, evaluation_split(members, args.split), first_checkpoint)
-    check_output_folder(out, [args.data_root, args.input], cases, args.overwrite)
-    weeks = patient_weeks(cases, args.patient_of)  # a --patient-of that misses a case stops here, before any write
-    ranks.barrier()  # every rank has looked at --out before rank 0 writes into it
-    undecodable = ranks.from_main(lambda: convert_series(cases, series_by_case)) if series_by_case else []
+    cases, series_by_case, skipped, warnings = input_cases(args, members)
+    out = Path(args.out)
+    weeks = claim_out_folder(args, ranks, lock, cases)
+    wanted, todo_ids = ranks.from_main(lambda: plan_cases(args, ranks, members, cases, series_by_case))
+    todo = [c for c in cases if c.case_id in todo_ids]
+    undecodable = ranks.from_main(lambda: convert_series(todo, series_by_case)) if series_by_case else []
     if undecodable:
         gone = {s.series for s in undecodable}
         cases = [c for c in cases if series_by_case.get(c.case_id) is None
                  or series_by_case[c.case_id].describe() not in gone]
+        todo = [c for c in todo if c in cases]
         skipped = sorted(skipped + undecodable, key=lambda s: (str(s.folder), s.series))
         if not cases:
             raise DataError(f"{args.input}: no usable image series ("
@@ -497,55 +458,153 @@ def main(args: argparse.Namespace) -> dict:
     if ranks.is_main:
         for line in [s.line() for s in skipped] + [f"warning: {w}" for w in warnings]:
             print(line, flush=True)
-    ranks.barrier()
     error = None
     try:
-        check_inputs(ranks.share(cases), len(class_names))
+        check_inputs(ranks.share(todo), len(class_names))
     except DataError as problem:
         error = named_for_series(problem, cases, series_by_case)
     ranks.raise_first(error)
-    segmenter = Segmenter(members, ranks.device, args.tta, args.overlap, not args.no_postprocessing, args.engine)
-    postprocessing, kept = segmenter.postprocessing, segmenter.largest_component
-    settings = review_settings(args.tta, args.overlap, kept)
-    rule = ranks.from_main(lambda: review_rule_for(members, class_names, settings, segmenter))
-    if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "predict_config.json").write_text(json.dumps(json_ready({
-            **vars(args), "checkpoints": [m.path for m in members], "spacing": spacing, "roi_size": roi_size,
-            "postprocessing": postprocessing, "review_rule": rule, "processes": ranks.world_size}), indent=2) + "\n")
-        engine = "ONNX Runtime (CPU, float32)" if args.engine == "onnx" else "PyTorch"
-        print(f"Predicting {len(cases)} volume(s) with {len(members)} model(s) on {segmenter.device} x "
-              f"{ranks.world_size} process(es), {engine} (spacing {[round(s, 3) for s in spacing]} mm, window "
-              f"{roi_size}, overlap {args.overlap}, tta {args.tta}; largest component kept for "
-              f"{', '.join(kept) or 'no class'})", flush=True)
-    ranks.barrier()  # figures/ and the DICOM outputs go into the folder rank 0 made
+    return Run(out, members, class_names, cases, todo, wanted, series_by_case, skipped, warnings, weeks, roi_names)
 
-    results = []
-    mine = ranks.share(cases)
+
+def claim_out_folder(args: argparse.Namespace, ranks, lock: FolderLock, cases: Sequence[Case]) -> dict:
+    """--out checked (never in the data; earlier outputs replaced only with --overwrite or
+    --continue) and locked by rank 0; returns the cases' patients and weeks (a --patient-of that
+    misses a case stops the run here, before anything is written)."""
+    out, inputs = Path(args.out), [args.data_root, args.input]
+    check_output_folder(out, inputs, cases, overwrite=True)  # not into the data: checked before the lock is made
+    existed = ranks.from_main(out.exists)  # decided once: rank 0 may make the folder while another rank looks
+    if existed:  # a command still writing there is named before the outputs it is writing
+        ranks.raise_first(take(lock) if ranks.is_main else None)
+    check_output_folder(out, inputs, cases, args.overwrite or args.continue_run)
+    weeks = patient_weeks(cases, args.patient_of)
+    if not existed:
+        ranks.raise_first(take(lock) if ranks.is_main else None)
+    return weeks
+
+
+def take(lock: FolderLock) -> FolderLocked | None:
+    try:
+        lock.acquire()
+    except FolderLocked as error:
+        return error
+    return None
+
+
+def input_cases(args: argparse.Namespace, members) -> tuple[list[Case], dict, list[SkippedSeries], list[str]]:
+    """The cases: one per usable series of a DICOM --input, else the NIfTI images of --input or of
+    the checkpoint's --split of --data-root."""
+    if args.input and is_dicom_folder(args.input):
+        return dicom_cases(args, members[0].modality)
+    if set(args.output_format) - {"nifti"}:
+        raise DataError(f"{args.input or args.data_root}: --output-format "
+                        f"{' '.join(sorted(set(args.output_format) - {'nifti'}))} needs a DICOM series as --input "
+                        "(an RTSTRUCT or SEG must refer to the images it was drawn on)")
+    if args.series or args.allow_modality:
+        raise DataError(f"{args.input or args.data_root}: --series and --allow-modality choose among DICOM "
+                        "series, and this input is not a DICOM folder")
+    return select_cases(args, evaluation_split(members, args.split), members[0].path), {}, [], []
+
+
+def case_settings(args: argparse.Namespace, device) -> dict:
+    """The settings that decide a case's outputs, by flag, as its record states them."""
+    return {"--tta": args.tta, "--overlap": args.overlap, "--engine": args.engine,
+            "--no-postprocessing": args.no_postprocessing, "--output-format": sorted(args.output_format),
+            "--roi-names": sorted(args.roi_names), "--no-hd95": args.no_hd95, "--no-figures": args.no_figures,
+            "--device": "cpu" if args.engine == "onnx" else device.type}
+
+
+def input_of(case: Case, series_by_case: dict) -> dict:
+    """Which input a case was predicted from, as its record states it."""
+    series = series_by_case.get(case.case_id)
+    if series is not None:
+        return {"series": series.where()}
+    return {"image": str(Path(case.image).resolve()), "label": str(Path(case.label).resolve()) if case.label else None}
+
+
+def plan_cases(args, ranks, members, cases: Sequence[Case], series_by_case: dict) -> tuple[dict, list[str]]:
+    """(what each case's record states, the ids of the cases to predict): every case, or under
+    --continue those not complete. A complete case made otherwise is refused, naming the case and
+    the setting, unless --overwrite (then it is predicted again)."""
+    wanted = made_with([m.path for m in members], case_settings(args, ranks.device))
+    if not args.continue_run:
+        return wanted, [c.case_id for c in cases]
+    todo = []
+    for case in cases:
+        status, why = case_status(Path(args.out), case.case_id, wanted, input_of(case, series_by_case))
+        if status == "different" and not args.overwrite:
+            raise DataError(f"{record_path(Path(args.out), case.case_id)}: {case.case_id} was predicted with {why}; "
+                            "pass --overwrite to predict it again with this run's settings, or choose another --out")
+        if status != "complete":
+            todo.append(case.case_id)
+    print(f"Continuing {args.out}: {len(cases) - len(todo)} of {len(cases)} case(s) complete, {len(todo)} to predict",
+          flush=True)
+    return wanted, todo
+
+
+def prepare_prediction(args: argparse.Namespace, ranks, run: Run) -> tuple[Segmenter, dict | None]:
+    """The Segmenter, the review rule (fitted on rank 0, shared), predict_config.json and the banner."""
+    segmenter = Segmenter(run.members, ranks.device, args.tta, args.overlap, not args.no_postprocessing, args.engine)
+    settings = review_settings(args.tta, args.overlap, segmenter.largest_component)
+    rule = ranks.from_main(lambda: review_rule_for(run.members, run.class_names, settings, segmenter))
+    if ranks.is_main:
+        config = run.members[0].config
+        write_json(run.out / "predict_config.json", json_ready({
+            **vars(args), "checkpoints": [m.path for m in run.members], "spacing": config["spacing"],
+            "roi_size": config.get("roi_size"), "postprocessing": segmenter.postprocessing, "review_rule": rule,
+            "processes": ranks.world_size}))
+        engine = "ONNX Runtime (CPU, float32)" if args.engine == "onnx" else "PyTorch"
+        print(f"Predicting {len(run.todo)} volume(s) with {len(run.members)} model(s) on {segmenter.device} x "
+              f"{ranks.world_size} process(es), {engine} (spacing {[round(s, 3) for s in config['spacing']]} mm, "
+              f"window {config.get('roi_size')}, overlap {args.overlap}, tta {args.tta}; largest component kept for "
+              f"{', '.join(segmenter.largest_component) or 'no class'})", flush=True)
+    ranks.barrier()  # figures/ and the DICOM outputs go into the folder rank 0 made
+    return segmenter, rule
+
+
+def predict_cases(args: argparse.Namespace, ranks, run: Run, segmenter: Segmenter, rule: dict | None) -> dict:
+    """Each rank its share of the cases to predict: the case's files, then its record (last, so a
+    case with a record is whole). Returns every rank's new records by case id, gathered over the
+    process group (the ranks' --out need not be one shared folder)."""
+    mine, records = ranks.share(run.todo), {}
     for case in progress(mine, "predicting") if not sys.stderr.isatty() else mine:
+        # The old record goes first: a case killed half-way through being predicted again must not
+        # pass for complete on the strength of the record of its earlier outputs.
+        record_path(run.out, case.case_id).unlink(missing_ok=True)
         try:
-            results.append(predict_case(case, segmenter, args, rule, out))
+            result = predict_case(case, segmenter, args, rule, run.out)
         except DataError as problem:
-            raise named_for_series(problem, cases, series_by_case) from None
-        labels = results[-1].pop("labels")  # written already; not carried to rank 0 or kept for all cases
-        if case.case_id in series_by_case:
-            write_dicom_outputs(labels, series_by_case[case.case_id], args.output_format, class_names, out,
-                                results[-1]["report"], roi_names)
-    results = ranks.gather(results)
-    if not ranks.is_main:
-        ranks.close()
-        return {}
+            raise named_for_series(problem, run.cases, run.series_by_case) from None
+        labels = result.pop("labels")
+        if case.case_id in run.series_by_case:
+            write_dicom_outputs(labels, run.series_by_case[case.case_id], args.output_format, run.class_names,
+                                run.out, result["report"], run.roi_names)
+        report = result["report"]
+        outputs = [report["prediction_path"], report["uncertainty_path"], *report["figures"],
+                   *[report[key] for key in ("rtstruct_path", "seg_path") if key in report]]
+        records[case.case_id] = write_record(run.out, case.case_id, run.made_with, input_of(case, run.series_by_case),
+                                             outputs, result)
+    return {case_id: record for part in gather_lists([records], ranks) for case_id, record in part.items()}
+
+
+def write_run_files(args: argparse.Namespace, run: Run, segmenter: Segmenter, rule: dict | None,
+                    records: dict) -> dict:
+    """metrics.csv, summary.json, longitudinal.csv, the run's figures and report.html, from the
+    cases' records alone (this run's, and for the cases an earlier run completed, theirs on disk),
+    so a continued run writes what an uninterrupted one does; then the tables on the console."""
+    out, class_names, members = run.out, run.class_names, run.members
+    results = [result_from_record(records.get(case.case_id) or read_record(record_path(out, case.case_id)), case)
+               for case in run.cases]
     write_rows([row for r in results for row in r["rows"]], out / "metrics.csv")
     labelled = [r for r in results if r["dice"] is not None]
-    checkpoint = [m.path for m in members] if len(members) > 1 else first_checkpoint
-    applied = {"largest_component": kept, "source": postprocessing.get("source")}
+    checkpoint = [m.path for m in members] if len(members) > 1 else members[0].path
+    applied = {"largest_component": segmenter.largest_component, "source": segmenter.postprocessing.get("source")}
     if labelled:
         summary = summarise(np.array([r["dice"] for r in labelled]), np.array([r["hd95"] for r in labelled]),
                             np.array([r["misses"] for r in labelled]), class_names, checkpoint, applied)
+        summary["uncertainty_evaluation"] = evaluate_uncertainty(labelled, class_names, rule)
     else:
         summary = {"n_cases": 0, "checkpoint": checkpoint, "postprocessing": applied}
-    if labelled:
-        summary["uncertainty_evaluation"] = evaluate_uncertainty(labelled, class_names, rule)
     summary["n_predicted"] = len(results)
     summary["tta"] = args.tta
     summary["review_rule"] = ("none: a member's run has no uncertainty.json" if rule is None
@@ -553,14 +612,14 @@ def main(args: argparse.Namespace) -> dict:
                                     "settings": rule["settings"], "held_out": rule["held_out"]})
     summary["flagged"] = [{"case": r["case"].case_id, "organ": f["organ"], "score": f["score"],
                            "threshold": f["threshold"], "reason": f["reason"]} for r in results for f in r["flags"]]
-    if series_by_case:
-        summary["skipped_series"] = [s.as_dict() for s in skipped]
-        summary["warnings"] = warnings
+    if run.series_by_case:
+        summary["skipped_series"] = [s.as_dict() for s in run.skipped]
+        summary["warnings"] = run.warnings
         summary["left_out_of_rtstruct"] = {r["report"]["case_id"]: r["report"]["rtstruct_absent"] for r in results
                                            if r["report"].get("rtstruct_absent")}
-    longitudinal = write_longitudinal(out, results, class_names, weeks, args.volume_change, not args.no_figures)
+    longitudinal = write_longitudinal(out, results, class_names, run.weeks, args.volume_change, not args.no_figures)
     summary["longitudinal"] = longitudinal["summary"]
-    (out / "summary.json").write_text(json.dumps(json_ready(summary), indent=2) + "\n")
+    write_json(out / "summary.json", json_ready(summary))
     run_figures = []
     if labelled and not args.no_figures:
         from pelvicseg.figures import save_dice_boxplot
@@ -568,8 +627,13 @@ def main(args: argparse.Namespace) -> dict:
         run_figures = ["figures/dice_boxplot.png"]
     write_report(out, [r["report"] for r in results], summary if labelled else None, class_names,
                  title=f"Prediction report: {len(results)} volume(s), {len(members)} model(s)", run_figures=run_figures,
-                 skipped=[s.as_dict() for s in skipped], warnings=warnings, longitudinal=longitudinal,
+                 skipped=[s.as_dict() for s in run.skipped], warnings=run.warnings, longitudinal=longitudinal,
                  review_rule=summary["review_rule"] if isinstance(summary["review_rule"], dict) else None)
+    print_outcome(out, summary, results, longitudinal, class_names, bool(labelled))
+    return summary
+
+
+def print_outcome(out: Path, summary: dict, results: list, longitudinal: dict, class_names, labelled: bool) -> None:
     if labelled:
         print_table(summary, class_names)
     flagged_cases = sorted({f["case"] for f in summary["flagged"]})
@@ -578,8 +642,6 @@ def main(args: argparse.Namespace) -> dict:
     if summary_line(longitudinal["summary"]):
         print(summary_line(longitudinal["summary"]))
     print(f"Outputs in {out} (open {out / 'report.html'})")
-    ranks.close()
-    return summary
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,10 @@ from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+from pelvicseg.atomic import write_text
 from pelvicseg.checkpoint import load_checkpoint, save_checkpoint
+from pelvicseg.distributed import (Context, agree_to_stop, all_reduce_sum, check_replicas_identical, gather_lists,
+                                   setup_distributed)
 from pelvicseg.cli import explicit_flags, run_cli
 from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, cases_in,
                      choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split,
@@ -42,7 +44,9 @@ from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_datas
 from pelvicseg.evaluation import evaluate_volume, with_postprocessing
 from pelvicseg.inference import (PREDICTION_OVERLAP, autocast_dtype, decide_postprocessing, load_source, out_of_memory_message,
                        predict_probabilities, resolve_device)
-from pelvicseg.metrics import dice_from_counts, dice_per_class, format_value, json_ready, nan_mean, overlap_counts
+from pelvicseg.lock import lock_on_main_rank
+from pelvicseg.metrics import (dice_from_counts, dice_per_class, json_ready, nan_mean, overlap_counts,
+                               write_rows)
 from modules import ImprovedUNet3D, count_parameters
 from pelvicseg.progress import progress as report_progress
 from pelvicseg.errors import DataError, TrainingDiverged
@@ -130,89 +134,6 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class Context:
-    """Where this process trains and how it talks to the others."""
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    distributed: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def collective_device(self) -> torch.device:
-        """NCCL reduces only CUDA tensors, gloo only CPU ones."""
-        return self.device if self.distributed and dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def setup_distributed(device_name: str) -> Context:
-    """Under torchrun (WORLD_SIZE set) the process group is always made, even for one process, so
-    that a one-GPU run exercises every collective. NCCL only where this process trains on CUDA."""
-    if "WORLD_SIZE" not in os.environ:
-        return Context(resolve_device(device_name))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(device, dist.get_rank(), local_rank, dist.get_world_size(), True)
-
-
-def all_reduce_sum(values: torch.Tensor, context: Context) -> torch.Tensor:
-    """Sum over ranks, on the backend's device; returns a CPU tensor."""
-    if not context.distributed:
-        return values
-    on_device = values.to(context.collective_device)
-    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-    return on_device.cpu()
-
-
-def agree_to_stop(requested: bool, context: Context) -> bool:
-    """True on every rank when any rank was asked to stop: all ranks then leave at the same step,
-    so none waits forever in a gradient all-reduce the others have left."""
-    if not context.distributed:
-        return requested
-    flag = torch.tensor([1.0 if requested else 0.0], device=context.collective_device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
-
-
-def gather_lists(items: list, context: Context) -> list:
-    if context.distributed:
-        gathered = [None] * context.world_size
-        dist.all_gather_object(gathered, items)
-        return [x for part in gathered for x in part]
-    return items
-
-
-def check_replicas_identical(model: torch.nn.Module) -> str:
-    """After DistributedDataParallel training every rank must hold the same weights (only rank 0's
-    are saved). Each rank hashes its parameters and buffers (plus a float64 sum, readable in the
-    message) and all ranks compare the gathered digests, so all raise together on a mismatch
-    rather than one rank raising while the others wait at the next barrier."""
-    digest = hashlib.sha256()
-    total = 0.0
-    for name, tensor in sorted(model.state_dict().items()):
-        array = tensor.detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes())  # exact bytes, any dtype
-        total += float(array.double().sum()) if array.is_floating_point() else 0.0
-    mine = (digest.hexdigest(), total)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    if any(g[0] != gathered[0][0] for g in gathered):
-        raise RuntimeError("DDP check: weights differ between ranks (parameter sums "
-                           + ", ".join(f"rank {r}: {g[1]:.17g}" for r, g in enumerate(gathered)) + ")")
-    return f"DDP check: weights identical on {len(gathered)} ranks (parameter sum {total:.17g})"
-
-
 # ----------------------------------------------------------------------------- settings
 
 def plain_config(args: argparse.Namespace) -> dict:
@@ -269,12 +190,14 @@ def set_up_determinism(seed: int, deterministic: bool, device: torch.device) -> 
 # ----------------------------------------------------------------------------- run folder
 
 def write_metrics_row(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow({k: format_value(v) for k, v in row.items()})
+    """The whole CSV written again (atomically) with the epoch's row: a kill never leaves half a row."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as handle:
+            # the new row's columns for every row: a run resumed by a version that adds one stays one table
+            rows = [{key: r.get(key, "") for key in row} for r in csv.DictReader(handle)
+                    if int(r["epoch"]) < int(row["epoch"])]
+    write_rows(rows + [row], path)
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:
@@ -285,10 +208,7 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         rows = list(csv.DictReader(handle))
     if not rows:
         return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(r for r in rows if int(r["epoch"]) <= last_epoch)
+    write_rows([r for r in rows if int(r["epoch"]) <= last_epoch], path)
 
 
 class StopRequest:
@@ -327,7 +247,7 @@ def ensure_default_phantom(args: argparse.Namespace, context: Context) -> Path:
         print(f"Generating the default phantom ({args.phantom_patients} patients x {args.phantom_weeks} weeks) "
               f"into {DEFAULT_PHANTOM}/ ...", flush=True)
         phantom.write_phantom(DEFAULT_PHANTOM, patients=args.phantom_patients, weeks=args.phantom_weeks, seed=0)
-        marker.write_text(json.dumps(wanted))
+        write_text(marker, json.dumps(wanted))
     if context.distributed:
         dist.barrier()
     return DEFAULT_PHANTOM
@@ -391,7 +311,15 @@ def setup_run(args: argparse.Namespace) -> tuple[Context, Path, dict | None]:
     if context.is_main and not args.resume and (last_path.exists() or best_path.exists()):
         raise DataError(f"{run_dir}: already holds a run (last.pt/best.pt); pass --resume to continue it "
                         "or choose another --out")
-    resume_state = load_checkpoint(last_path) if args.resume else None
+    resume_state = None
+    if args.resume and not last_path.exists():
+        # Killed before its first epoch's last.pt (best.pt, written just before it, may be there):
+        # nothing to resume, the run starts again at epoch 1.
+        if context.is_main:
+            print(f"{run_dir}: no last.pt to resume (the run ended before its first epoch did); starting at epoch 1",
+                  flush=True)
+    elif args.resume:
+        resume_state = load_checkpoint(last_path)
     if resume_state is not None:
         if "optimizer" not in resume_state:
             raise DataError(f"{last_path}: holds weights only, not the state to resume a run")
@@ -469,7 +397,7 @@ def prepare_data(args, context: Context, run_dir: Path, resumed: bool, cases, cl
         print_banner(args, context, split, len(train_cases), len(val_cases))
         print("Class weights (training voxel counts): " + ", ".join(
             f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
-        (run_dir / "config.json").write_text(json.dumps(plain_config(args), indent=2) + "\n")
+        write_text(run_dir / "config.json", json.dumps(plain_config(args), indent=2) + "\n")
     return Data(split, class_names, train_data, val_cache, val_cases, class_weights)
 
 
@@ -674,9 +602,11 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
                             "skipped_steps": outcome["skipped"]})
                 row.update({f"train_dice_{n}": outcome["dice"][c] for c, n in enumerate(data.class_names)})
                 write_metrics_row(run_dir / "metrics.csv", row)
-                save_checkpoint(checkpoint_state(args, data, model, progress, epoch), run_dir / "last.pt")
+                # best.pt before last.pt: a kill between the two leaves last.pt at the epoch before,
+                # which --resume trains again, never a last.pt naming a best epoch best.pt lacks.
                 if improved:
                     save_checkpoint(weights_only_state(args, data, model, progress, epoch), run_dir / "best.pt")
+                save_checkpoint(checkpoint_state(args, data, model, progress, epoch), run_dir / "last.pt")
                 from pelvicseg.figures import save_training_curves
                 save_training_curves(run_dir / "metrics.csv", data.class_names, run_dir / "training_curves.png")
                 skipped = f"  skipped {outcome['skipped']} non-finite step(s)" if outcome["skipped"] else ""
@@ -745,13 +675,13 @@ def write_validation_fits(run_dir: Path, records: list[dict], class_names: list[
     and Dice (so an ensemble can refit on the pooled validation volumes of all its members)."""
     decision = decide_postprocessing(records, class_names)
     decision["volumes"] = [{key: r[key] for key in ("case", "dice", "hd95", "dice_lcc", "hd95_lcc")} for r in records]
-    (run_dir / "postprocessing.json").write_text(json.dumps(json_ready(decision), indent=2) + "\n")
+    write_text(run_dir / "postprocessing.json", json.dumps(json_ready(decision), indent=2) + "\n")
     kept = decision["largest_component"]
     selected = [with_postprocessing(r, kept, class_names) for r in records]
     rule = fit_from_volumes(selected, class_names)
     rule["settings"] = review_settings(tta=False, overlap=PREDICTION_OVERLAP, largest_component=kept)
     rule["volumes"] = [{key: r[key] for key in ("case", "patient", "uncertainty", "dice", "hd95")} for r in selected]
-    (run_dir / "uncertainty.json").write_text(json.dumps(json_ready(rule), indent=2) + "\n")
+    write_text(run_dir / "uncertainty.json", json.dumps(json_ready(rule), indent=2) + "\n")
     dice = np.array([r["dice"] for r in selected], dtype=float).reshape(-1, len(class_names))
     print(f"Final validation of best.pt on {len(records)} volume(s), each on its source grid with the decided "
           f"post-processing (largest connected component kept for {', '.join(kept) or 'no organ'}): "
@@ -760,12 +690,13 @@ def write_validation_fits(run_dir: Path, records: list[dict], class_names: list[
 
 
 def main(args: argparse.Namespace) -> dict:
-    context, run_dir, resume_state = setup_run(args)
-    data = setup_data(args, context, run_dir, resumed=resume_state is not None)
-    progress = Progress()
-    model = setup_model(args, context, data, resume_state, progress)
-    run_epochs(args, context, data, model, progress)
-    finish(args, context, data, model, progress)
+    with lock_on_main_rank(args.out):  # one command at a time in the run folder
+        context, run_dir, resume_state = setup_run(args)
+        data = setup_data(args, context, run_dir, resumed=resume_state is not None)
+        progress = Progress()
+        model = setup_model(args, context, data, resume_state, progress)
+        run_epochs(args, context, data, model, progress)
+        finish(args, context, data, model, progress)
     return {"epoch": progress.best_epoch, "mean_fg_dice": progress.best_metric}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import pickletools
 import re
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from modules import ImprovedUNet3D
+from pelvicseg.atomic import atomic_open
 from pelvicseg.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -22,16 +22,10 @@ REASON_CHARACTERS = 160  # the part of torch's message kept in ours, so the erro
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash mid-write never leaves a
-    truncated checkpoint where a good one was."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({"format_version": FORMAT_VERSION, **state}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    """Written as every output is (atomic.atomic_open: a temporary file in the same folder, synced,
+    then renamed): a crash mid-write never leaves a truncated checkpoint where a good one was."""
+    with atomic_open(path, "wb") as handle:
+        torch.save({"format_version": FORMAT_VERSION, **state}, handle)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

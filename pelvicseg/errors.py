@@ -22,6 +22,18 @@ class ExportError(RuntimeError):
     """The project's code or the exported models cannot be carried into the bundle as they are."""
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a file-size limit): the message is one line
+    naming it and why."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class FolderLocked(ValueError):
+    """Another live process writes into the folder: the message is one line naming it."""
+
+
 def unwrap_data_error(error: BaseException) -> DataError | None:
     """MONAI wraps errors raised inside transforms; find our DataError in the chain."""
     seen = set()

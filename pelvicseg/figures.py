@@ -20,6 +20,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from pelvicseg.atomic import atomic_path  # noqa: E402
 from pelvicseg.palette import CLASS_COLOURS, class_colours  # noqa: E402, F401 - the palette, re-exported
 
 
@@ -81,7 +82,7 @@ def save_case_figures(image: np.ndarray, target: np.ndarray | None, prediction: 
     fig.legend(handles=legend_handles(class_names), loc="lower center", ncol=num_classes - 1, fontsize=8)
     fig.suptitle(case_id)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    fig.savefig(folder / f"{case_id}_best_slices.png", dpi=90)
+    save_figure(fig, folder / f"{case_id}_best_slices.png", dpi=90)
     plt.close(fig)
 
     centre = centre_of(reference, class_id=num_classes - 1)
@@ -94,8 +95,14 @@ def save_case_figures(image: np.ndarray, target: np.ndarray | None, prediction: 
     fig.legend(handles=legend_handles(class_names), loc="lower center", ncol=num_classes - 1, fontsize=8)
     fig.suptitle(case_id)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    fig.savefig(folder / f"{case_id}_overview.png", dpi=90)
+    save_figure(fig, folder / f"{case_id}_overview.png", dpi=90)
     plt.close(fig)
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """``fig.savefig`` through atomic.atomic_path: a PNG appears whole or not at all."""
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=dpi)
 
 
 def centre_of(labels: np.ndarray, class_id: int) -> tuple[int, int, int]:
@@ -115,7 +122,7 @@ def save_dice_boxplot(dice: np.ndarray, class_names: Sequence[str], path: Path) 
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"Per-class Dice over {dice.shape[0]} volume(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -157,7 +164,7 @@ def save_volume_timeline(weeks: Sequence[int], volumes: dict[str, Sequence[float
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -192,7 +199,7 @@ def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Pa
     dice_ax.legend(fontsize=7, ncol=2, loc="lower right")
     dice_ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -333,6 +340,6 @@ def save_uncertainty_figure(image: np.ndarray, entropy: np.ndarray, affine: np.n
         fig.suptitle(title)
     bottom = (0.12 if len(handles) > 4 else 0.07) if handles else 0
     fig.tight_layout(rect=(0, bottom, 1, 0.95 if title else 1))
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     return z

@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
+from pelvicseg.atomic import atomic_path
 from pelvicseg.checkpoint import load_checkpoint
 from pelvicseg.errors import CheckpointError
 from dataset import drop_trailing_singletons
@@ -404,7 +405,8 @@ def prediction_image(labels: np.ndarray, source: nib.Nifti1Image) -> nib.Nifti1I
 
 
 def write_prediction(labels: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
-    nib.save(prediction_image(labels, source), path)
+    with atomic_path(path) as temporary:
+        nib.save(prediction_image(labels, source), temporary)
 
 
 # ----------------------------------------------------------------------------- post-processing

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 
+from pelvicseg.atomic import atomic_open
+
 
 def overlap_counts(prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
                    num_classes: int) -> np.ndarray:
@@ -133,7 +135,7 @@ def format_value(value):
 
 def write_rows(rows: list[dict], path: Path) -> None:
     """A CSV of dict rows, floats to 6 significant digits (the header is the first row's keys)."""
-    with open(path, "w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         for row in rows:

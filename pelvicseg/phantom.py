@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from pelvicseg.atomic import atomic_path, write_bytes
 from pelvicseg.progress import progress
 
 CLASS_NAMES = ("background", "body", "bone", "bladder", "rectum", "prostate")
@@ -436,7 +437,7 @@ def save_nifti(array, affine, path, units=None):
     nifti.set_sform(affine, code=1)
     if units:
         nifti.header.set_xyzt_units(units)
-    Path(path).write_bytes(gzip.compress(nifti.to_bytes(), compresslevel=1, mtime=0))
+    write_bytes(path, gzip.compress(nifti.to_bytes(), compresslevel=1, mtime=0))
 
 
 def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first_patient_id=4, fov=(1.0, 1.0, 1.0)):
@@ -497,8 +498,8 @@ def save_preview(image, label, path, spacing=BASE_SPACING):
     handles[0].set_edgecolor(colours[1])
     figure.legend(handles=handles, loc="lower center", ncol=5, frameon=False)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=90)
     plt.close(figure)
 
 
@@ -572,6 +573,7 @@ def write_dicom_series(image, affine, folder, patient_id, series_description, ui
         ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = MRImageStorage, ds.SOPInstanceUID
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = folder / f"MR{k + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        with atomic_path(path) as temporary:
+            ds.save_as(temporary, enforce_file_format=True)
         paths.append(path)
     return paths

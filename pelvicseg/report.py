@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from pelvicseg.atomic import write_text
 from pelvicseg.palette import class_colours
 
 log = logging.getLogger("hipmri")
@@ -151,7 +152,7 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
     parts += _skipped_table(skipped)
     parts += ["</body>", "</html>"]
     path = out_dir / REPORT_NAME
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(parts) + "\n")
     return path
 
 

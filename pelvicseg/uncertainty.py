@@ -19,6 +19,8 @@ import torch
 from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
+from pelvicseg.atomic import atomic_path
+
 # The largest float32 slope with 255 * slope <= 1: the uint8 file then reads back in [0, 1] (the
 # float32 nearest 1/255 is slightly above it, which would read 255 back as 1.00000006).
 UNCERTAINTY_SLOPE = float(np.nextafter(np.float32(1 / 255), np.float32(0)))
@@ -74,7 +76,8 @@ def write_uncertainty(entropy: np.ndarray, source: nib.Nifti1Image, path: str | 
     image.header.set_slope_inter(UNCERTAINTY_SLOPE, 0.0)  # after construction, which resets scaling
     image.set_qform(source.affine, code=int(source.header["qform_code"]) or 1)
     image.set_sform(source.affine, code=int(source.header["sform_code"]) or 1)
-    nib.save(image, str(path))
+    with atomic_path(path) as temporary:
+        nib.save(image, str(temporary))
 
 
 def organ_uncertainty(entropy: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -43,7 +43,12 @@ from dataset import CLASS_NAMES, cases_in, find_cases, preprocessing  # noqa: E4
 
 NUM_CLASSES = len(CLASS_NAMES)
 TIMEOUT_S = 300
-TINY = ["--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0", "--device", "cpu"]
+# float32: on CPUs with native bf16 (AVX512-BF16) the default bf16 autocast is not reproducible, the
+# weight gradient of the bottleneck's second convolution differs from call to call on the same input
+# (oneDNN's bf16 kernel), and once in five DDP runs a step came out non-finite and was skipped, so the
+# step counts asserted below were off by one.
+TINY = ["--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "--workers", "0", "--device", "cpu",
+        "--no-amp"]
 
 
 def run(args: list[str], timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -87,7 +92,7 @@ def test_ddp_rank_zero_alone_writes_the_run_folder(ddp_run):
     for name in ("config.json", "splits.json", "metrics.csv", "training_curves.png", "last.pt", "best.pt"):
         assert (run_dir / name).is_file(), f"{name} missing"
     assert [r["epoch"] for r in metrics_rows(run_dir / "metrics.csv")] == ["1"]  # one row, not one per rank
-    assert not list(run_dir.glob(".*tmp*")), "temporary checkpoint files left behind"
+    assert not list(run_dir.glob(".partial-*")), "temporary checkpoint files left behind"
     state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"]), "DDP wrapper prefix saved in the weights"
     assert state["epoch"] == 1
@@ -110,7 +115,7 @@ def test_ddp_validation_gathers_every_volume_from_both_ranks(ddp_run):
     per_volume = []
     for case in val_cases:
         item = transform(case.as_dict())
-        # The precision training validated with (bf16 on CPUs with native bf16, as in train.py).
+        # The precision training validated with (float32 here: TINY has --no-amp).
         amp_dtype = inference.autocast_dtype(torch.device("cpu"), enabled=not config["no_amp"])
         probabilities = inference.predict_probabilities(model, item["image"][None], config["roi_size"],
                                                         config["overlap"], amp_dtype=amp_dtype)

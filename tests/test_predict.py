@@ -436,7 +436,7 @@ def test_train_writes_run_folder_and_a_complete_checkpoint(trained):
     assert state["epoch"] == 1 and last["epochs_without_improvement"] == 0
     assert state["best_metric"] == pytest.approx(float(rows[0]["mean_fg_dice"]), rel=1e-4, abs=1e-6)
     assert state["split"] == split
-    assert not list(run_dir.glob(".*tmp*")), "temporary checkpoint files left behind"
+    assert not list(run_dir.glob(".partial-*")), "temporary checkpoint files left behind"
 
 
 def test_predict_cli_writes_predictions_metrics_summary_and_figures(predicted):

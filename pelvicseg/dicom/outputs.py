@@ -48,6 +48,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ImplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from pelvicseg.atomic import atomic_path
 from pelvicseg.errors import DataError
 from pelvicseg.dicom.pixels import load_series, series_to_nifti
 from pelvicseg.dicom.series import (LPS_TO_RAS, DicomSeries, describe, find_series, is_dicom_folder, read_dicom, read_header,
@@ -343,8 +344,8 @@ def write_rtstruct(labels: np.ndarray, series: DicomSeries, class_names: Sequenc
     # implicit VR: its 4-byte lengths hold any Contour Data, where explicit VR's DS stops at 64 KiB
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    with atomic_path(path) as temporary:
+        ds.save_as(temporary, enforce_file_format=True)
     return path
 
 
@@ -406,8 +407,8 @@ def write_seg(labels: np.ndarray, series: DicomSeries, class_names: Sequence[str
         series_description=f"{algorithm_name} segmentation",
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    segmentation.save_as(path)
+    with atomic_path(path) as temporary:
+        segmentation.save_as(temporary)
     return path
 
 

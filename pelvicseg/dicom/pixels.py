@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.uid import UID
 
+from pelvicseg.atomic import atomic_path
 from pelvicseg.errors import DataError
 from pelvicseg.dicom.series import DicomSeries, read_dicom
 
@@ -101,6 +102,6 @@ def series_to_nifti(series: DicomSeries, path: str | Path) -> Path:
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
+    with atomic_path(path) as temporary:
+        nib.save(image, str(temporary))
     return path
