@@ -77,6 +77,7 @@ from monai.networks.nets import AttentionUnet, DynUNet
 from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_dataset, drop_trailing_singletons,
                      find_cases, lps_geometry, preprocessing, voxel_spacing)
 from modules import ImprovedUNet3D, count_parameters
+from pelvicseg.atomic import write_text
 from pelvicseg.inference import autocast_dtype, predict_probabilities, resolve_device
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -859,8 +860,7 @@ def main(args: argparse.Namespace) -> dict:
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print_report(report)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"Wrote {out} ({report['wall_s']} s)")
     return report
 

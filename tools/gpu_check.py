@@ -66,6 +66,7 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss
 
 from modules import ImprovedUNet3D
+from pelvicseg.atomic import write_text
 from pelvicseg.phantom import make_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1065,10 +1066,7 @@ def markdown_table(report: dict) -> str:
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    temporary.replace(path)
+    write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- main
