@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=1e-5, help="Adam L2 weight decay")
     parser.add_argument("--loss", choices=("ce", "dice", "combined"), default="combined",
                         help="class-weighted cross-entropy, Dice, or both summed (MONAI DiceCELoss)")
+    parser.add_argument("--class-weighting", choices=("ce-dice", "ce", "none"), default="ce-dice",
+                        help="inverse square-root class-frequency weights in both loss terms, in the "
+                        "cross-entropy only, or in neither")
+    parser.add_argument("--crop-ratios", type=float, nargs="+",
+                        help="with --patch-size: relative frequency of training crops centred on each class, in "
+                        "label order (default: 0.5 for background, 1 for every other class)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="voxel spacing in mm (LPS order) every volume is resampled to (default: twice the "
                         "training set's median spacing, i.e. half resolution)")
@@ -499,7 +505,9 @@ def prepare_data(args, context: Context, run_dir: Path, resumed: bool, cases, cl
     counts = class_voxel_counts(train_cache, num_classes)
     class_weights = torch.as_tensor(class_weights_from_counts(counts))
     # Crops centred on each foreground class equally often, background rarely: rare organs are seen.
-    crop_ratios = [0.5] + [1.0] * (num_classes - 1)
+    crop_ratios = list(args.crop_ratios) if args.crop_ratios else [0.5] + [1.0] * (num_classes - 1)
+    if len(crop_ratios) != num_classes:
+        raise DataError(f"--crop-ratios: {len(crop_ratios)} value(s) for {num_classes} classes")
     train_data = Dataset(train_cache, transform=augmentation(args.patch_size, num_classes, crop_ratios,
                                                              spatial_on_device=args.augment == "device"))
     if context.is_main:
@@ -546,7 +554,7 @@ def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_s
     network = model
     if context.distributed:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = make_loss(args.loss, data.class_weights.to(device))
+    loss_fn = make_loss(args.loss, data.class_weights.to(device), args.class_weighting)
     trainer = Trainer(network, optimizer, scaler, loss_fn, args.loss, amp_dtype)
     return Model(model, network, model_args, optimizer, scaler, loss_fn, amp_dtype, compiled, trainer)
 
@@ -857,7 +865,7 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
         print(f"  {key:<18} {value}")
     print(f"  {'running on':<18} {context.device} x {context.world_size} process(es)")
     print(f"  {'precision':<18} {amp_dtype if amp_dtype else 'float32'}")
-    every = "every epoch" if args.val_every <= 1 else f"every {args.val_every} epochs and after the last"
+    every = "per epoch" if args.val_every <= 1 else f"every {args.val_every} epochs and after the last"
     print(f"  {'validation':<18} {every} on the preprocessed grid (overlap {args.overlap}); best.pt's final "
           f"validation on each volume's source grid (overlap {PREDICTION_OVERLAP}), as predict.py reports")
     print(f"  {'patients':<18} train {len(split['train'])} ({n_train} volumes), val {len(split['val'])} "

@@ -31,14 +31,19 @@ class TrainingDiverged(RuntimeError):
 
 # ----------------------------------------------------------------------------- losses
 
-def make_loss(kind: str, class_weights: torch.Tensor) -> torch.nn.Module:
-    """Class weights enter both terms: the cross-entropy's per-class weights and the Dice's
-    per-class weighting (MONAI applies ``weight`` to each)."""
+def make_loss(kind: str, class_weights: torch.Tensor, weighting: str = "ce-dice") -> torch.nn.Module:
+    """Class weights enter both terms (``weighting`` "ce-dice": the cross-entropy's per-class weights
+    and the Dice's per-class weighting, as MONAI applies ``weight`` to each), the cross-entropy
+    only ("ce"), or neither ("none")."""
+    weights = None if weighting == "none" else class_weights
     if kind == "ce":
-        return torch.nn.CrossEntropyLoss(weight=class_weights)
+        return torch.nn.CrossEntropyLoss(weight=weights)
     if kind == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True, weight=class_weights)
-    return DiceCELoss(to_onehot_y=True, softmax=True, weight=class_weights)
+        return DiceLoss(to_onehot_y=True, softmax=True, weight=weights if weighting == "ce-dice" else None)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=weights)
+    if weighting == "ce":
+        loss.dice = DiceLoss(to_onehot_y=True, softmax=True)
+    return loss
 
 
 def compute_loss(loss_fn, kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
