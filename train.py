@@ -512,7 +512,8 @@ def prepare_data(args, context: Context, run_dir: Path, resumed: bool, cases, cl
                                                              spatial_on_device=args.augment == "device"))
     if context.is_main:
         print_banner(args, context, split, len(train_cases), len(val_cases))
-        print("Class weights (training voxel counts): " + ", ".join(
+        used = {"ce-dice": "in both loss terms", "ce": "in the cross-entropy only", "none": "not used"}
+        print(f"Class weights (training voxel counts; {used[args.class_weighting]}): " + ", ".join(
             f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
         (run_dir / "config.json").write_text(json.dumps(plain_config(args), indent=2) + "\n")
     return Data(split, class_names, train_data, val_cache, val_cases, class_weights)
@@ -874,7 +875,9 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
     if context.device.type == "cpu" and args.patch_size is None and tuple(args.channels) == DEFAULT_CHANNELS:
         print("note: the default sizes (whole volumes, widths 32-64-128-256) are for a GPU; one epoch of them on the "
               "phantom took 632 s on a 2-core CPU. On a CPU use the README's demo settings (--spatial-size 96 96 48 "
-              "--patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12: about 30 s an epoch).",
+              "--patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 16 --steps-per-epoch 25 --val-every 8 "
+              "--warmup-steps 25 --deep-supervision --class-weighting none: 400 steps of 64 x 64 x 32 crops; see "
+              "docs/training.md).",
               flush=True)
 
 

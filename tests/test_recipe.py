@@ -208,3 +208,56 @@ def test_training_curves_show_validation_dice_against_wall_time(tmp_path):
     width_new = matplotlib.image.imread(tmp_path / "new.png").shape[1]
     width_old = matplotlib.image.imread(tmp_path / "old.png").shape[1]
     assert width_new == 1800 and width_old == 1200
+
+
+# ----------------------------------------------------------------------------- the benchmarks time training's step
+
+def tiny_network():
+    from modules import ImprovedUNet3D
+
+    torch.manual_seed(0)
+    return ImprovedUNet3D(in_channels=1, out_channels=6, channels=[4, 8, 8, 8])
+
+
+def test_bench_times_trainings_step_with_its_non_finite_guard():
+    """bench.py's step is Trainer.step: a batch with a NaN voxel is skipped (weights unchanged, loss
+    NaN), where a copy of the step without the guard would write NaN into every weight."""
+    from tools import bench
+
+    model = tiny_network()
+    trainer = bench.make_trainer(model, None)
+    assert isinstance(trainer, training.Trainer)
+    image, label = torch.rand(1, 1, 16, 16, 16), torch.randint(0, 6, (1, 1, 16, 16, 16)).float()
+    before = [p.detach().clone() for p in model.parameters()]
+    image[0, 0, 0, 0, 0] = float("nan")
+    assert math.isnan(bench.train_step(trainer, image, label))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    image[0, 0, 0, 0, 0] = 0.5
+    assert math.isfinite(bench.train_step(trainer, image, label))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_gpu_check_compares_trainings_step_with_its_gradient_clipping():
+    """gpu_check's step is Trainer.step: a loss scaled by 1e6 leaves gradients clipped to training's
+    norm (12), which a copy of the step without clipping would leave a million times larger."""
+    from monai.losses import DiceCELoss
+
+    from tools import gpu_check
+
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    image, label = torch.rand(1, 1, 16, 16, 16), torch.randint(0, 6, (1, 1, 16, 16, 16)).float()
+    output = gpu_check.training_step(tiny_network(), image, label, lambda x, y: 1e6 * dice_ce(x, y), None, False)
+    norm = torch.cat([g.reshape(-1) for g in output.gradients.values()]).norm()
+    assert float(norm) == pytest.approx(training.GRADIENT_CLIP_NORM, rel=1e-4)
+
+
+def test_one_native_bf16_answer_everywhere():
+    """bench.py's bf16 configuration and gpu_check's report follow inference's answer (the CPU's
+    flags), not oneDNN's, which says yes on CPUs that only emulate bf16."""
+    from pelvicseg import inference
+    from tools import bench, gpu_check
+
+    native = inference.cpu_has_native_bf16()
+    assert gpu_check.cpu_bf16_native() is native
+    names = [c.name for c in bench.configurations(torch.device("cpu"), compile_on_cpu=False)]
+    assert ("ours_bf16" in names) is native
