@@ -875,9 +875,8 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
     if context.device.type == "cpu" and args.patch_size is None and tuple(args.channels) == DEFAULT_CHANNELS:
         print("note: the default sizes (whole volumes, widths 32-64-128-256) are for a GPU; one epoch of them on the "
               "phantom took 632 s on a 2-core CPU. On a CPU use the README's demo settings (--spatial-size 96 96 48 "
-              "--patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 16 --steps-per-epoch 25 --val-every 8 "
-              "--warmup-steps 25 --deep-supervision --class-weighting none: 400 steps of 64 x 64 x 32 crops; see "
-              "docs/training.md).",
+              "--patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12 --steps-per-epoch 25 --val-every 6 "
+              "--warmup-steps 25 --deep-supervision: 300 steps of 64 x 64 x 32 crops; see docs/training.md).",
               flush=True)
 
 

@@ -552,8 +552,8 @@ def test_the_banner_points_a_cpu_run_at_the_default_sizes_to_the_demo_settings(a
     out = capsys.readouterr().out
     assert ("note: the default sizes (whole volumes, widths 32-64-128-256) are for a GPU" in out) is noted, out
     if noted:
-        assert ("--spatial-size 96 96 48 --patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 16 "
-                "--steps-per-epoch 25 --val-every 8 --warmup-steps 25 --deep-supervision --class-weighting none") in out
+        assert ("--spatial-size 96 96 48 --patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12 "
+                "--steps-per-epoch 25 --val-every 6 --warmup-steps 25 --deep-supervision") in out
     # on a GPU the defaults are what to use: no note
     train.print_banner(args, train.Context(torch.device("cuda", 0)), split, 3, 3)
     assert "note: the default sizes" not in capsys.readouterr().out
