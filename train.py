@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +50,8 @@ from pelvicseg.metrics import (dice_from_counts, dice_per_class, json_ready, nan
 from modules import ImprovedUNet3D, count_parameters
 from pelvicseg.progress import progress as report_progress
 from pelvicseg.errors import DataError, TrainingDiverged
-from pelvicseg.training import (Trainer, compute_loss, divergence_message, epoch_seed, make_loss,
-                      parameters_finite, seed_random_generators, training_loader)
+from pelvicseg.training import (EpochSampler, Trainer, compute_loss, divergence_message, epoch_seed, learning_rate,
+                                make_loss, parameters_finite, seed_random_generators, training_loader)
 from pelvicseg.uncertainty import describe_held_out, fit_from_volumes, review_settings
 
 DEFAULT_PHANTOM = Path("data/phantom")
@@ -72,12 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "is generated once and used")
     parser.add_argument("--out", default="runs/default", help="run folder for checkpoints, metrics and curves")
     parser.add_argument("--epochs", type=int, default=40, help="maximum number of epochs (may be raised on --resume)")
+    parser.add_argument("--steps-per-epoch", type=int,
+                        help="optimiser steps in an epoch, whatever the number of training volumes (nnU-Net's "
+                        "epoch): crops are drawn from the cached volumes in shuffled rounds seeded by (seed, epoch, "
+                        "rank), so a volume may give several crops in one epoch; 0: one pass over the training "
+                        "volumes (default: 250 on CUDA, 0 on a CPU)")
+    parser.add_argument("--val-every", type=int, default=1,
+                        help="validate (model selection, early stopping) every K epochs and after the last one; "
+                        "metrics.csv leaves the validation columns of the other epochs empty")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="volumes per step and process; above 1 needs --patch-size (volumes differ in size)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-decayed to 1/100)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate: reached after --warmup-steps, then cosine-decayed per step to "
+                        "1/100 at the run's last step")
+    parser.add_argument("--warmup-steps", type=int,
+                        help="optimiser steps of linear learning-rate warm-up from 1/100 of --lr (default: 50 on "
+                        "CUDA, 0 on a CPU)")
     parser.add_argument("--weight-decay", type=float, default=1e-5, help="Adam L2 weight decay")
     parser.add_argument("--loss", choices=("ce", "dice", "combined"), default="combined",
                         help="class-weighted cross-entropy, Dice, or both summed (MONAI DiceCELoss)")
+    parser.add_argument("--class-weighting", choices=("ce-dice", "ce", "none"), default="ce-dice",
+                        help="inverse square-root class-frequency weights in both loss terms, in the "
+                        "cross-entropy only, or in neither")
+    parser.add_argument("--crop-ratios", type=float, nargs="+",
+                        help="with --patch-size: relative frequency of training crops centred on each class, in "
+                        "label order (default: 0.5 for background, 1 for every other class)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="voxel spacing in mm (LPS order) every volume is resampled to (default: twice the "
                         "training set's median spacing, i.e. half resolution)")
@@ -166,13 +185,31 @@ def _shown(value) -> str:
     return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
-def learning_rate(epoch: int, total_epochs: int, base_lr: float) -> float:
-    """Cosine decay from ``base_lr`` at epoch 1 towards ``base_lr / 100``, a closed form of
-    (epoch, total epochs): a run resumed with more --epochs follows, from its next epoch on, the
-    schedule a fresh run of that length would have followed."""
-    minimum = base_lr * 0.01
-    progress = (epoch - 1) / max(total_epochs, 1)
-    return minimum + (base_lr - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
+def steps_per_epoch(args: argparse.Namespace, num_volumes: int, world_size: int) -> int:
+    """Optimiser steps in one epoch: --steps-per-epoch, or with 0 one pass over the training
+    volumes (DistributedSampler's share of this rank, in batches)."""
+    if args.steps_per_epoch:
+        return args.steps_per_epoch
+    return math.ceil(math.ceil(num_volumes / world_size) / args.batch_size)
+
+
+# The recipe's defaults where they depend on the device: on CUDA nnU-Net's epoch of 250 steps and a
+# short warm-up; on a CPU (the tests' tiny runs) one pass over the training volumes and none.
+DEVICE_DEFAULTS = {"cuda": {"steps_per_epoch": 250, "warmup_steps": 50},
+                   "cpu": {"steps_per_epoch": 0, "warmup_steps": 0}}
+
+
+def resolve_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Fills the settings left unset whose default depends on the device; config.json and the
+    checkpoint then hold the value used, so --resume on another device continues the same run."""
+    for key, value in DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def validates(epoch: int, args: argparse.Namespace) -> bool:
+    """The validation cadence: every --val-every epochs, and always after the last epoch."""
+    return epoch % max(args.val_every, 1) == 0 or epoch == args.epochs
 
 
 def set_up_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -290,6 +327,12 @@ class Progress:
     trained_epochs: int = 0  # epochs trained by this command (0: a finished run resumed)
     previous_end: str | None = None  # how the resumed run had ended
     finished: bool = False  # the epoch loop ran to its end
+    started: float = field(default_factory=time.time)  # when this command started
+    elapsed_before: float = 0.0  # wall seconds of the commands before a --resume
+
+    def elapsed_seconds(self) -> float:
+        """Wall seconds since the run started (set-up included), summed over resumed commands."""
+        return self.elapsed_before + time.time() - self.started
 
     @property
     def end_reason(self) -> str:
@@ -324,6 +367,7 @@ def setup_run(args: argparse.Namespace) -> tuple[Context, Path, dict | None]:
         if "optimizer" not in resume_state:
             raise DataError(f"{last_path}: holds weights only, not the state to resume a run")
         restore_settings(args, resume_state["config"])
+    resolve_device_defaults(args, context.device)
     if args.batch_size > 1 and not args.patch_size:
         raise DataError(f"{run_dir}: --batch-size {args.batch_size} needs --patch-size: whole volumes differ in size "
                         "after resampling to one spacing, so only crops can be batched")
@@ -390,12 +434,15 @@ def prepare_data(args, context: Context, run_dir: Path, resumed: bool, cases, cl
     counts = class_voxel_counts(train_cache, num_classes)
     class_weights = torch.as_tensor(class_weights_from_counts(counts))
     # Crops centred on each foreground class equally often, background rarely: rare organs are seen.
-    crop_ratios = [0.5] + [1.0] * (num_classes - 1)
+    crop_ratios = list(args.crop_ratios) if args.crop_ratios else [0.5] + [1.0] * (num_classes - 1)
+    if len(crop_ratios) != num_classes:
+        raise DataError(f"--crop-ratios: {len(crop_ratios)} value(s) for {num_classes} classes")
     train_data = Dataset(train_cache, transform=augmentation(args.patch_size, num_classes, crop_ratios,
                                                              spatial_on_device=args.augment == "device"))
     if context.is_main:
         print_banner(args, context, split, len(train_cases), len(val_cases))
-        print("Class weights (training voxel counts): " + ", ".join(
+        used = {"ce-dice": "in both loss terms", "ce": "in the cross-entropy only", "none": "not used"}
+        print(f"Class weights (training voxel counts; {used[args.class_weighting]}): " + ", ".join(
             f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
         write_text(run_dir / "config.json", json.dumps(plain_config(args), indent=2) + "\n")
     return Data(split, class_names, train_data, val_cache, val_cases, class_weights)
@@ -423,6 +470,7 @@ def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_s
         progress.best_metric, progress.best_epoch = float(resume_state["best_metric"]), int(resume_state["best_epoch"])
         progress.stale_epochs = int(resume_state["epochs_without_improvement"])
         progress.previous_end = resume_state.get("end_reason")
+        progress.elapsed_before = float(resume_state.get("elapsed_seconds", 0.0))
         if context.is_main:
             truncate_metrics(Path(args.out) / "metrics.csv", progress.start_epoch - 1)
             print(f"Resuming {Path(args.out) / 'last.pt'} after epoch {progress.start_epoch - 1} "
@@ -436,25 +484,31 @@ def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_s
     network = model
     if context.distributed:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = make_loss(args.loss, data.class_weights.to(device))
+    loss_fn = make_loss(args.loss, data.class_weights.to(device), args.class_weighting)
     trainer = Trainer(network, optimizer, scaler, loss_fn, args.loss, amp_dtype)
     return Model(model, network, model_args, optimizer, scaler, loss_fn, amp_dtype, compiled, trainer)
 
 
 def train_one_epoch(args, context: Context, model: Model, loader, stop: StopRequest, num_classes: int,
-                    device_augmentation=None, generator: torch.Generator | None = None) -> dict:
-    """One epoch of ``Trainer.step``. Returns the mean loss over the steps taken, per-class Dice on
-    the training crops, the number of skipped (non-finite) steps, whether the epoch completed, and
-    whether training diverged (too many non-finite steps in a row)."""
+                    device_augmentation=None, generator: torch.Generator | None = None, schedule=None,
+                    first_step: int = 0) -> dict:
+    """One epoch of ``Trainer.step``, each step's learning rate ``schedule(global step)`` counted
+    from ``first_step``. Returns the mean loss over the steps taken, per-class Dice on the training
+    crops, the number of skipped (non-finite) steps, the last step's learning rate, whether the
+    epoch completed, and whether training diverged (too many non-finite steps in a row)."""
     device = context.device
     model.network.train()
     sums = torch.zeros(3 + 3 * num_classes, dtype=torch.float64)  # loss sum, steps, skipped, tp/fp/fn per class
     outcome = {"loss": math.nan, "dice": np.full(num_classes, np.nan), "skipped": 0, "completed": False,
-               "diverged": False}
-    for batch in report_progress(loader, "train", enabled=context.is_main, quiet_for_s=EPOCH_QUIET_S,
-                                 interval_s=EPOCH_QUIET_S):
+               "diverged": False, "lr": model.optimizer.param_groups[0]["lr"]}
+    for index, batch in enumerate(report_progress(loader, "train", enabled=context.is_main, quiet_for_s=EPOCH_QUIET_S,
+                                 interval_s=EPOCH_QUIET_S)):
         if agree_to_stop(stop.requested, context):
             return outcome
+        if schedule is not None:
+            outcome["lr"] = schedule(first_step + index)
+            for group in model.optimizer.param_groups:
+                group["lr"] = outcome["lr"]
         images = batch["image"].to(device, non_blocking=True).as_tensor()
         labels = batch["label"].to(device, non_blocking=True).as_tensor()
         if device_augmentation is not None:
@@ -533,7 +587,8 @@ def checkpoint_state(args, data: Data, model: Model, progress: Progress, epoch: 
     """last.pt: everything to resume. best.pt takes the weights-only subset (``weights_only_state``)."""
     return {**weights_only_state(args, data, model, progress, epoch), "optimizer": model.optimizer.state_dict(),
             "scaler": model.scaler.state_dict(), "epochs_without_improvement": progress.stale_epochs,
-            "rng": {"torch": torch.get_rng_state()}, "end_reason": progress.end_reason}
+            "rng": {"torch": torch.get_rng_state()}, "end_reason": progress.end_reason,
+            "elapsed_seconds": progress.elapsed_seconds()}
 
 
 def weights_only_state(args, data: Data, model: Model, progress: Progress, epoch: int) -> dict:
@@ -545,10 +600,15 @@ def weights_only_state(args, data: Data, model: Model, progress: Progress, epoch
 
 
 def run_epochs(args, context: Context, data: Data, model: Model, progress: Progress) -> None:
+    """Epochs of --steps-per-epoch steps each, the learning rate set per step from the global step,
+    validation on the --val-every cadence; ``record_epoch`` keeps the books."""
     run_dir = Path(args.out)
     num_classes = len(data.class_names)
     device_augmentation = DeviceAugmentation() if args.augment == "device" else None
-    sampler = (DistributedSampler(data.train_data, shuffle=True, seed=args.seed) if context.distributed else None)
+    steps = steps_per_epoch(args, len(data.train_data), context.world_size)
+    total_steps = steps * args.epochs
+    pass_sampler = (DistributedSampler(data.train_data, shuffle=True, seed=args.seed)
+                    if context.distributed and not args.steps_per_epoch else None)
     epoch = progress.start_epoch - 1
     with StopRequest() as stop:
         for epoch in range(progress.start_epoch, args.epochs + 1):
@@ -556,64 +616,42 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
                 progress.stopped_early = True
                 break
             started = time.time()
-            lr = learning_rate(epoch, args.epochs, args.lr)
-            for group in model.optimizer.param_groups:
-                group["lr"] = lr
-            # Seeded from (seed, epoch, rank): a resumed run draws the same augmentations and order,
-            # consecutive epochs and ranks draw their own.
+            # Seeded from (seed, epoch, rank): a resumed run draws the same volumes, crops and
+            # augmentations, consecutive epochs and ranks draw their own.
             seed = epoch_seed(args.seed, epoch, context.rank)
             seed_random_generators(seed)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
+            if pass_sampler is not None:
+                pass_sampler.set_epoch(epoch)
+            sampler = pass_sampler or (EpochSampler(len(data.train_data), steps * args.batch_size, seed)
+                                       if args.steps_per_epoch else None)
             loader = training_loader(data.train_data, args.batch_size, args.workers, seed, sampler,
                                      pin_memory=context.device.type == "cuda")
+            schedule = lambda step: learning_rate(step, total_steps, args.lr, args.warmup_steps)  # noqa: E731
             try:
                 outcome = train_one_epoch(args, context, model, loader, stop, num_classes, device_augmentation,
-                                          torch.Generator(context.device).manual_seed(seed))
+                                          torch.Generator(context.device).manual_seed(seed), schedule,
+                                          (epoch - 1) * steps)
             except torch.OutOfMemoryError:
                 raise SystemExit(out_of_memory_message("training", args.patch_size)) from None
             if outcome["diverged"]:
-                progress.diverged = divergence_message(epoch, model.trainer.nonfinite_in_a_row, model.amp_dtype, lr,
-                                                       progress.best_epoch)
+                progress.diverged = divergence_message(epoch, model.trainer.nonfinite_in_a_row, model.amp_dtype,
+                                                       outcome["lr"], progress.best_epoch)
                 break
             if not outcome["completed"]:
                 progress.interrupted = True
                 break
             train_seconds = time.time() - started
-            try:
-                validation = validate(args, context, model, data)
-            except torch.OutOfMemoryError:
-                raise SystemExit(out_of_memory_message("validation", args.roi_size)) from None
+            validation = None
+            if validates(epoch, args):
+                try:
+                    validation = validate(args, context, model, data)
+                except torch.OutOfMemoryError:
+                    raise SystemExit(out_of_memory_message("validation", args.roi_size)) from None
+                validation["seconds"] = time.time() - started - train_seconds
             progress.trained_epochs += 1
-            val_dice = validation["dice"]
-            mean_fg = nan_mean(val_dice[1:])
-            # A non-finite validation (or weights) is never the best: best.pt keeps the last finite model.
-            improved = (math.isfinite(mean_fg) and math.isfinite(validation["loss"]) and mean_fg > progress.best_metric
-                        and parameters_finite(model.model))
-            if improved:
-                progress.best_metric, progress.best_epoch, progress.stale_epochs = mean_fg, epoch, 0
-            else:
-                progress.stale_epochs += 1
+            improved = judge_validation(progress, model, validation, epoch)
             if context.is_main:
-                row = {"epoch": epoch, "train_loss": outcome["loss"], "val_loss": validation["loss"]}
-                row.update({f"dice_{n}": val_dice[c] for c, n in enumerate(data.class_names)})
-                row.update({"mean_fg_dice": mean_fg, "lr": lr, "seconds": time.time() - started,
-                            "train_seconds": train_seconds, "val_seconds": time.time() - started - train_seconds,
-                            "skipped_steps": outcome["skipped"]})
-                row.update({f"train_dice_{n}": outcome["dice"][c] for c, n in enumerate(data.class_names)})
-                write_metrics_row(run_dir / "metrics.csv", row)
-                # best.pt before last.pt: a kill between the two leaves last.pt at the epoch before,
-                # which --resume trains again, never a last.pt naming a best epoch best.pt lacks.
-                if improved:
-                    save_checkpoint(weights_only_state(args, data, model, progress, epoch), run_dir / "best.pt")
-                save_checkpoint(checkpoint_state(args, data, model, progress, epoch), run_dir / "last.pt")
-                from pelvicseg.figures import save_training_curves
-                save_training_curves(run_dir / "metrics.csv", data.class_names, run_dir / "training_curves.png")
-                skipped = f"  skipped {outcome['skipped']} non-finite step(s)" if outcome["skipped"] else ""
-                print(f"epoch {epoch:3d}/{args.epochs}  loss {outcome['loss']:.4f}/{validation['loss']:.4f}  dice "
-                      + " ".join(f"{n[:4]} {d:.3f}" for n, d in zip(data.class_names[1:], val_dice[1:]))
-                      + f"  fg {mean_fg:.4f}  lr {lr:.2e}  {train_seconds:.1f}+{row['val_seconds']:.1f}s"
-                      + skipped + ("  best" if improved else ""), flush=True)
+                record_epoch(args, data, model, progress, epoch, outcome, validation, improved, train_seconds)
             if progress.stale_epochs >= args.patience:
                 progress.stopped_early = True
                 if context.is_main:
@@ -632,6 +670,58 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
             state = load_checkpoint(run_dir / "last.pt")
             state["end_reason"] = progress.end_reason
             save_checkpoint(state, run_dir / "last.pt")
+
+
+def judge_validation(progress: Progress, model: Model, validation: dict | None, epoch: int) -> bool:
+    """Whether this epoch's validation is the best so far (then best.pt is written). Patience counts
+    epochs since the best validated one, updated at each validation: between validations the count
+    stands still, so early stopping acts only on what a validation has shown. A non-finite
+    validation (or weights) is never the best: best.pt keeps the last finite model."""
+    if validation is None:
+        return False
+    validation["mean_fg"] = mean_fg = nan_mean(validation["dice"][1:])
+    improved = (math.isfinite(mean_fg) and math.isfinite(validation["loss"]) and mean_fg > progress.best_metric
+                and parameters_finite(model.model))
+    if improved:
+        progress.best_metric, progress.best_epoch = mean_fg, epoch
+    progress.stale_epochs = epoch - progress.best_epoch
+    return improved
+
+
+def record_epoch(args, data: Data, model: Model, progress: Progress, epoch: int, outcome: dict,
+                 validation: dict | None, improved: bool, train_seconds: float) -> None:
+    """Rank 0's books after an epoch: the metrics.csv row, last.pt (and best.pt when improved), the
+    training curves and the epoch's line. An epoch without validation leaves the validation
+    columns (val_loss, dice_*, mean_fg_dice, val_seconds) empty."""
+    run_dir = Path(args.out)
+    names = data.class_names
+    elapsed = progress.elapsed_seconds()
+    val = validation or {}
+    val_dice = val.get("dice", [None] * len(names))
+    row = {"epoch": epoch, "train_loss": outcome["loss"], "val_loss": val.get("loss")}
+    row.update({f"dice_{n}": val_dice[c] for c, n in enumerate(names)})
+    row.update({"mean_fg_dice": val.get("mean_fg"), "lr": outcome["lr"],
+                "seconds": train_seconds + val.get("seconds", 0.0), "train_seconds": train_seconds,
+                "val_seconds": val.get("seconds"), "elapsed_seconds": elapsed, "skipped_steps": outcome["skipped"]})
+    row.update({f"train_dice_{n}": outcome["dice"][c] for c, n in enumerate(names)})
+    write_metrics_row(run_dir / "metrics.csv", row)
+    # best.pt before last.pt: a kill between the two leaves last.pt at the epoch before, which
+    # --resume trains again, never a last.pt naming a best epoch best.pt lacks.
+    if improved:
+        save_checkpoint(weights_only_state(args, data, model, progress, epoch), run_dir / "best.pt")
+    save_checkpoint(checkpoint_state(args, data, model, progress, epoch), run_dir / "last.pt")
+    from pelvicseg.figures import save_training_curves
+    save_training_curves(run_dir / "metrics.csv", names, run_dir / "training_curves.png")
+    skipped = f"  skipped {outcome['skipped']} non-finite step(s)" if outcome["skipped"] else ""
+    if validation is None:
+        scores = f"loss {outcome['loss']:.4f}  (no validation)"
+    else:
+        scores = (f"loss {outcome['loss']:.4f}/{validation['loss']:.4f}  dice "
+                  + " ".join(f"{n[:4]} {d:.3f}" for n, d in zip(names[1:], val_dice[1:]))
+                  + f"  fg {validation['mean_fg']:.4f}")
+    print(f"epoch {epoch:3d}/{args.epochs}  {scores}  lr {outcome['lr']:.2e}  {train_seconds:.1f}+"
+          f"{val.get('seconds', 0.0):.1f}s  elapsed {elapsed:.0f}s" + skipped + ("  best" if improved else ""),
+          flush=True)
 
 
 def finish(args, context: Context, data: Data, model: Model, progress: Progress) -> None:
@@ -690,10 +780,10 @@ def write_validation_fits(run_dir: Path, records: list[dict], class_names: list[
 
 
 def main(args: argparse.Namespace) -> dict:
+    progress = Progress()
     with lock_on_main_rank(args.out):  # one command at a time in the run folder
         context, run_dir, resume_state = setup_run(args)
         data = setup_data(args, context, run_dir, resumed=resume_state is not None)
-        progress = Progress()
         model = setup_model(args, context, data, resume_state, progress)
         run_epochs(args, context, data, model, progress)
         finish(args, context, data, model, progress)
@@ -708,7 +798,8 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
         print(f"  {key:<18} {value}")
     print(f"  {'running on':<18} {context.device} x {context.world_size} process(es)")
     print(f"  {'precision':<18} {amp_dtype if amp_dtype else 'float32'}")
-    print(f"  {'validation':<18} per epoch on the preprocessed grid (overlap {args.overlap}); best.pt's final "
+    every = "per epoch" if args.val_every <= 1 else f"every {args.val_every} epochs and after the last"
+    print(f"  {'validation':<18} {every} on the preprocessed grid (overlap {args.overlap}); best.pt's final "
           f"validation on each volume's source grid (overlap {PREDICTION_OVERLAP}), as predict.py reports")
     print(f"  {'patients':<18} train {len(split['train'])} ({n_train} volumes), val {len(split['val'])} "
           f"({n_val} volumes), test {len(split['test'])}")
@@ -716,7 +807,8 @@ def print_banner(args, context: Context, split, n_train, n_val) -> None:
     if context.device.type == "cpu" and args.patch_size is None and tuple(args.channels) == DEFAULT_CHANNELS:
         print("note: the default sizes (whole volumes, widths 32-64-128-256) are for a GPU; one epoch of them on the "
               "phantom took 632 s on a 2-core CPU. On a CPU use the README's demo settings (--spatial-size 96 96 48 "
-              "--patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12: about 30 s an epoch).",
+              "--patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12 --steps-per-epoch 25 --val-every 6 "
+              "--warmup-steps 25 --deep-supervision: 300 steps of 64 x 64 x 32 crops; see docs/training.md).",
               flush=True)
 
 

@@ -124,7 +124,8 @@ def fine_tune(parent: Parent, cases: Sequence[Case], settings: dict, device: tor
     class_weights = torch.as_tensor(parent.state.get("class_weights") or [1.0] * len(parent.class_names),
                                     dtype=torch.float32, device=device)
     trainer = Trainer(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                      make_loss(config.get("loss", "combined"), class_weights), config.get("loss", "combined"),
+                      make_loss(config.get("loss", "combined"), class_weights,
+                                config.get("class_weighting", "ce-dice")), config.get("loss", "combined"),
                       amp_dtype)
     augment = bool(settings["augment"])
     device_augmentation = DeviceAugmentation() if augment and config.get("augment", "device") == "device" else None

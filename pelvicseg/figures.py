@@ -169,19 +169,24 @@ def save_volume_timeline(weeks: Sequence[int], volumes: dict[str, Sequence[float
 
 
 def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Path) -> None:
-    """Loss (train, validation) and per-class Dice (train dashed, validation solid) per epoch."""
+    """Loss (train, validation) and per-class Dice (train dashed, validation solid) per epoch, and
+    validation Dice against wall time (metrics.csv's elapsed_seconds): the time to accuracy.
+    Validation lines join the validated epochs only (the others' validation columns are empty)."""
     with open(metrics_csv) as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         return
-    epochs = [int(r["epoch"]) for r in rows]
+    epochs = np.array([int(r["epoch"]) for r in rows])
 
     def column(name):
-        return [float(r[name]) if r.get(name) not in (None, "", "nan") else np.nan for r in rows]
+        return np.array([float(r[name]) if r.get(name) not in (None, "", "nan") else np.nan for r in rows])
 
-    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    validated = np.array([r.get("val_loss") not in (None, "") for r in rows])
+    has_time = all(r.get("elapsed_seconds") not in (None, "") for r in rows)
+    fig, axes = plt.subplots(1, 3 if has_time else 2, figsize=(18 if has_time else 12, 4.5))
+    loss_ax, dice_ax = axes[0], axes[1]
     loss_ax.plot(epochs, column("train_loss"), label="train")
-    loss_ax.plot(epochs, column("val_loss"), label="validation")
+    loss_ax.plot(epochs[validated], column("val_loss")[validated], marker=".", label="validation")
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
     loss_ax.set_title("Loss")
@@ -190,7 +195,8 @@ def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Pa
     colours = class_colours(len(class_names))
     colours[0] = "#444444"  # background: visible on white
     for c, name in enumerate(class_names):
-        dice_ax.plot(epochs, column(f"dice_{name}"), color=colours[c], label=f"{name} (val)")
+        dice_ax.plot(epochs[validated], column(f"dice_{name}")[validated], color=colours[c], marker=".",
+                     label=f"{name} (val)")
         dice_ax.plot(epochs, column(f"train_dice_{name}"), color=colours[c], linestyle="--", alpha=0.7)
     dice_ax.set_xlabel("epoch")
     dice_ax.set_ylabel("3D Dice")
@@ -198,6 +204,18 @@ def save_training_curves(metrics_csv: Path, class_names: Sequence[str], path: Pa
     dice_ax.set_title("Per-class Dice (solid: validation, dashed: train)")
     dice_ax.legend(fontsize=7, ncol=2, loc="lower right")
     dice_ax.grid(alpha=0.3)
+    if has_time:
+        time_ax = axes[2]
+        minutes = column("elapsed_seconds") / 60
+        for c, name in enumerate(class_names[1:], start=1):
+            time_ax.plot(minutes[validated], column(f"dice_{name}")[validated], color=colours[c], marker=".",
+                         label=name)
+        time_ax.set_xlabel("wall time since the run started (min)")
+        time_ax.set_ylabel("validation 3D Dice")
+        time_ax.set_ylim(0, 1.02)
+        time_ax.set_title("Validation Dice against wall time")
+        time_ax.legend(fontsize=7, loc="lower right")
+        time_ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     plt.close(fig)

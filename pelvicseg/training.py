@@ -6,6 +6,7 @@ train.py runs epochs of these steps; nothing here parses flags or writes files.
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 from dataclasses import dataclass
@@ -28,14 +29,19 @@ MAX_NONFINITE_STEPS_IN_A_ROW = 5
 
 # ----------------------------------------------------------------------------- losses
 
-def make_loss(kind: str, class_weights: torch.Tensor) -> torch.nn.Module:
-    """Class weights enter both terms: the cross-entropy's per-class weights and the Dice's
-    per-class weighting (MONAI applies ``weight`` to each)."""
+def make_loss(kind: str, class_weights: torch.Tensor, weighting: str = "ce-dice") -> torch.nn.Module:
+    """Class weights enter both terms (``weighting`` "ce-dice": the cross-entropy's per-class weights
+    and the Dice's per-class weighting, as MONAI applies ``weight`` to each), the cross-entropy
+    only ("ce"), or neither ("none")."""
+    weights = None if weighting == "none" else class_weights
     if kind == "ce":
-        return torch.nn.CrossEntropyLoss(weight=class_weights)
+        return torch.nn.CrossEntropyLoss(weight=weights)
     if kind == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True, weight=class_weights)
-    return DiceCELoss(to_onehot_y=True, softmax=True, weight=class_weights)
+        return DiceLoss(to_onehot_y=True, softmax=True, weight=weights if weighting == "ce-dice" else None)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=weights)
+    if weighting == "ce":
+        loss.dice = DiceLoss(to_onehot_y=True, softmax=True)
+    return loss
 
 
 def compute_loss(loss_fn, kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,6 +102,44 @@ def seed_worker(worker_id: int) -> None:
     monai_worker_init_fn(worker_id)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The training volumes of one epoch of ``num_samples`` crops (nnU-Net's epoch: a fixed number
+    of steps whatever the number of volumes): shuffled rounds of every volume, one after another,
+    cut at ``num_samples``. Each volume is drawn as often as any other, give or take one, and a
+    volume may give several crops (its random transforms differ each time). Seeded by ``seed``
+    (``epoch_seed``: seed, epoch and rank), so a resumed run draws what the uninterrupted run
+    drew, and under torchrun every rank draws its own sequence."""
+
+    def __init__(self, num_volumes: int, num_samples: int, seed: int):
+        if num_volumes < 1 or num_samples < 1:
+            raise ValueError(f"EpochSampler: needs at least one volume and one sample, got {num_volumes} and "
+                             f"{num_samples}")
+        self.num_volumes, self.num_samples, self.seed = num_volumes, num_samples, seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        indices: list[int] = []
+        while len(indices) < self.num_samples:
+            indices += torch.randperm(self.num_volumes, generator=generator).tolist()
+        return iter(indices[:self.num_samples])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
+    """The learning rate of optimiser step ``step`` (0-based, counted over the whole run) of a run
+    of ``total_steps``: a linear warm-up from ``base_lr / 100`` to ``base_lr`` over
+    ``warmup_steps``, then a cosine decay that reaches ``base_lr / 100`` at the run's last step.
+    A closed form of the global step, so a resumed run continues exactly; a run resumed with more
+    --epochs follows, from its next step on, the schedule a fresh run of that length would have."""
+    minimum = base_lr * 0.01
+    if step < warmup_steps:
+        return minimum + (base_lr - minimum) * step / warmup_steps
+    progress = min(max((step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1), 0.0), 1.0)
+    return minimum + (base_lr - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def training_loader(dataset, batch_size: int, workers: int, seed: int, sampler=None,

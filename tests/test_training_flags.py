@@ -496,8 +496,9 @@ def test_resume_restores_every_setting_and_refuses_a_changed_one(first_epoch_run
     assert last["model_args"]["dropout"] == 0.2 and best["model_args"]["dropout"] == 0.2
     assert last["epoch"] == 2
     assert all(group["weight_decay"] == 1e-4 for group in last["optimizer"]["param_groups"])
-    # The restored base rate drives the schedule: epoch 2 of 2 at 2e-3, not at the default 1e-3.
-    assert float(rows[1]["lr"]) == pytest.approx(2e-3 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi / 2))), rel=1e-5)
+    # The restored base rate drives the schedule: epoch 2's last step is the run's last, at a hundredth
+    # of 2e-3, not of the default 1e-3 (the logged rate is that of the epoch's last step).
+    assert float(rows[1]["lr"]) == pytest.approx(2e-3 * 0.01, rel=1e-5)
 
     trained(capsys, training_root, run_dir, "--resume", "--epochs", 3, "--patience", 4, "--workers", 0, "--device",
             "cpu")
@@ -510,6 +511,8 @@ def test_resume_restores_every_setting_and_refuses_a_changed_one(first_epoch_run
 # ----------------------------------------------------------------------------- schedule and stopping
 
 def test_cosine_schedule_is_closed_form_across_a_resume(single_weeks, tmp_path, capsys):
+    """One pass over 3 training volumes: 3 steps an epoch; the rate logged for an epoch is that of
+    its last step, global step 3 * epoch - 1 of a run of 3 * epochs steps (no warm-up on a CPU)."""
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
     trained(capsys, single_weeks, fresh, "--epochs", 8, *FP32)
     trained(capsys, single_weeks, resumed, "--epochs", 4, *FP32)
@@ -518,13 +521,13 @@ def test_cosine_schedule_is_closed_form_across_a_resume(single_weeks, tmp_path, 
     resumed_rows = assert_finished_with_finite_losses(resumed, 8)
     base = 1e-3
     for epoch in range(1, 9):
-        expected = base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / 8)))
+        expected = base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (3 * epoch - 1) / (24 - 1))))
         assert float(fresh_rows[epoch - 1]["lr"]) == pytest.approx(expected, rel=1e-5), epoch
     for epoch in range(5, 9):  # the same text in both files: equal to the 6 digits written
         assert resumed_rows[epoch - 1]["lr"] == fresh_rows[epoch - 1]["lr"], epoch
-    # Epochs 1-4 of the resumed run followed the 4-epoch schedule: the stretch starts after the resume.
-    assert float(resumed_rows[3]["lr"]) == pytest.approx(base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 3 / 4))),
-                                                         rel=1e-5)
+    # Epochs 1-4 of the resumed run followed the 4-epoch schedule, whose last step is at a hundredth:
+    # the stretch starts after the resume.
+    assert float(resumed_rows[3]["lr"]) == pytest.approx(base * 0.01, rel=1e-5)
 
 
 def test_patience_one_stops_after_the_first_epoch_without_improvement(single_weeks, tmp_path, capsys):
@@ -549,7 +552,8 @@ def test_the_banner_points_a_cpu_run_at_the_default_sizes_to_the_demo_settings(a
     out = capsys.readouterr().out
     assert ("note: the default sizes (whole volumes, widths 32-64-128-256) are for a GPU" in out) is noted, out
     if noted:
-        assert "--spatial-size 96 96 48 --patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12" in out
+        assert ("--spatial-size 96 96 48 --patch-size 64 64 32 --channels 16 32 64 128 --lr 3e-3 --epochs 12 "
+                "--steps-per-epoch 25 --val-every 6 --warmup-steps 25 --deep-supervision") in out
     # on a GPU the defaults are what to use: no note
     train.print_banner(args, train.Context(torch.device("cuda", 0)), split, 3, 3)
     assert "note: the default sizes" not in capsys.readouterr().out

@@ -78,7 +78,8 @@ from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_datas
                      find_cases, lps_geometry, preprocessing, voxel_spacing)
 from modules import ImprovedUNet3D, count_parameters
 from pelvicseg.atomic import write_text
-from pelvicseg.inference import autocast_dtype, predict_probabilities, resolve_device
+from pelvicseg.inference import autocast_dtype, cpu_has_native_bf16, predict_probabilities, resolve_device
+from pelvicseg.training import Trainer
 
 NUM_CLASSES = len(CLASS_NAMES)
 GIB = 2**30
@@ -175,7 +176,7 @@ def configurations(device: torch.device, compile_on_cpu: bool) -> list[Config]:
                    compile=True, checkpointing=True),
         ]
     else:
-        if cpu_has_bf16():
+        if cpu_has_native_bf16():  # the one answer train.py and predict.py use
             configs.append(Config("ours_bf16", "ours, bf16 autocast", "ours", amp=True))
         if compile_on_cpu:
             configs.append(Config("ours_compiled", "ours, fp32 + compile", "ours", compile=True))
@@ -183,13 +184,6 @@ def configurations(device: torch.device, compile_on_cpu: bool) -> list[Config]:
     configs += [Config("attention_unet", "MONAI AttentionUnet", "attention_unet", amp=cuda),
                 Config("dynunet", "MONAI DynUNet (nnU-Net)", "dynunet", amp=cuda)]
     return configs
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private check: absent in some builds
-        return False
 
 
 def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
@@ -301,16 +295,17 @@ def time_calls(call: Callable[[], object], count: int, device: torch.device) -> 
     return seconds
 
 
-def train_step(model, optimizer, loss_fn, image, label, amp_dtype) -> torch.Tensor:
-    """train.py's step: autocast forward, float32 loss, backward, Adam."""
-    with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(image)
-    # The loss in float32: softmax and Dice sums of tiny organs lose precision in bf16.
-    loss = loss_fn(logits.float(), label)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+def make_trainer(model, amp_dtype) -> Trainer:
+    """train.py's Trainer (its step: autocast forward, float32 loss, GradScaler for fp16, gradient
+    clipping, the non-finite guard, Adam), with an unweighted Dice + cross-entropy loss."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=amp_dtype == torch.float16)
+    return Trainer(model, optimizer, scaler, DiceCELoss(to_onehot_y=True, softmax=True), "combined", amp_dtype)
+
+
+def train_step(trainer: Trainer, image, label) -> float:
+    """One ``Trainer.step``, the very step train.py takes."""
+    return trainer.step(image, label).loss
 
 
 def model_input(image: torch.Tensor, config: Config) -> torch.Tensor:
@@ -345,9 +340,8 @@ class Run:
             if config.compile:
                 for block in self.model.blocks():
                     block.compile()  # regional, as train.py: each block compiled once, reused per call
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-            self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
             self.amp_dtype = amp_dtype_for(config, device)
+            self.trainer = make_trainer(self.model, self.amp_dtype)
             self.x, self.label = model_input(image, config), label
             warmup_s = time_calls(self.train_step, args.warmup, device)
         self.result.update(parameters=count_parameters(self.model), warmup_s=round(sum(warmup_s), 3),
@@ -357,7 +351,7 @@ class Run:
         self.inference_s: list[float] = []
 
     def train_step(self) -> torch.Tensor:
-        return train_step(self.model, self.optimizer, self.loss_fn, self.x, self.label, self.amp_dtype)
+        return train_step(self.trainer, self.x, self.label)
 
     def infer(self) -> torch.Tensor:
         """predict.py's whole-volume inference: Gaussian-weighted sliding window, softmax."""
@@ -447,7 +441,7 @@ def measure_configs(configs: Sequence[Config], image, label, args, device) -> di
     alternate("training", lambda run: run.train_step, lambda run: run.train_s, None)
     print(f"  timing {args.repeats} whole-volume inference(s) of each, alternating ...", flush=True)
     for name, run in list(runs.items()):
-        run.optimizer.zero_grad(set_to_none=True)  # gradients are not needed any more: free them
+        run.trainer.optimizer.zero_grad(set_to_none=True)  # gradients are not needed any more: free them
         try:
             run.start_inference()
         except Exception as error:  # noqa: BLE001
@@ -528,8 +522,7 @@ def measure_loader(config: Config, args, device: torch.device, image: torch.Tens
                 labels = batch["label"].to(device, non_blocking=True).as_tensor()
                 if device_augmentation is not None:
                     images, labels = device_augmentation(images, labels, generator)
-                return train_step(run.model, run.optimizer, run.loss_fn, model_input(images, config), labels,
-                                  run.amp_dtype)
+                return train_step(run.trainer, model_input(images, config), labels)
 
             on_device_s = time_calls(run.train_step, args.repeats, device)
             # Drain what the workers prefetched while we were busy, so the timed steps see the

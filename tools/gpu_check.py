@@ -67,6 +67,8 @@ from monai.losses import DiceCELoss
 
 from modules import ImprovedUNet3D
 from pelvicseg.atomic import write_text
+from pelvicseg.inference import cpu_has_native_bf16
+from pelvicseg.training import Trainer
 from pelvicseg.phantom import make_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,11 +417,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def cpu_bf16_native() -> bool | None:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private check, absent in some builds
-        return None
+def cpu_bf16_native() -> bool:
+    """The one answer train.py and predict.py use (``inference.cpu_has_native_bf16``, from the CPU's
+    flags): oneDNN's own check says yes on CPUs that only emulate bf16."""
+    return cpu_has_native_bf16()
 
 
 def nvidia_driver() -> str | None:
@@ -467,29 +468,22 @@ class StepOutput:
 
 
 def training_step(model, image, label, loss_fn, amp_dtype, channels_last: bool, max_tries: int = 8) -> StepOutput:
-    """train.py's step: autocast forward, float32 loss, backward through the GradScaler (enabled
-    for fp16 only), optimizer step. The optimizer has learning rate 0, so the weights stay those
-    of the reference. A GradScaler step skipped for overflowing gradients is retried at the
-    lowered scale, as training goes on to the next step."""
-    device_type = image.device.type
-    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    """train.py's step itself, ``Trainer.step``: autocast forward, float32 loss, backward through
+    the GradScaler (enabled for fp16 only), gradient clipping, optimizer step. The optimizer has
+    learning rate 0, so the weights stay those of the reference; the gradients compared are those
+    the step left (unscaled, clipped as training clips them). A GradScaler step skipped for
+    overflowing gradients is retried at the lowered scale, as training goes on to the next step."""
+    scaler = torch.amp.GradScaler(image.device.type, enabled=amp_dtype == torch.float16)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), scaler, loss_fn, "combined", amp_dtype)
     x = image.contiguous(memory_format=torch.channels_last_3d) if channels_last else image
     for attempt in range(max_tries):
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-        loss = loss_fn(logits.float(), label)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # the true gradients, for the comparison
+        result = trainer.step(x, label)
         gradients = {name: p.grad.detach().float().cpu().clone() for name, p in model.named_parameters()
                      if p.grad is not None}
         clean = all(bool(torch.isfinite(g).all()) for g in gradients.values())
-        scaler.step(optimizer)
-        scaler.update()
         if clean or not scaler.is_enabled():
             break
-    return StepOutput(logits.detach().float().cpu(), gradients, float(loss.detach()), attempt)
+    return StepOutput(result.logits.float().cpu(), gradients, result.loss, attempt)
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
