@@ -126,7 +126,8 @@ class Segmenter:
             parent, self.organs, self.thresholds = guarding_parent(self.members)
         if parent is not None:
             if engine != "torch":
-                raise ValueError("an adapted model is guarded by its parent with the torch engine only")
+                raise CheckpointError(f"{self.members[0].path}: an adapted model is predicted with its parent "
+                                      "guarding it, on the torch engine only (not onnx)")
             self.parent = Ensemble([parent], self.device, self.amp_dtype)
 
     @classmethod
