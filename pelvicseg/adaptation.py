@@ -303,14 +303,16 @@ def replay_cases(cases: Sequence[Case], patients: Sequence[str], count: int, see
     drawn with ``seed``: the parent's data replayed among the patient's crops."""
     if count <= 0:
         return []
-    grouped = patients_with_weeks(cases, patients) | {c.patient: [c] for c in cases
-                                                      if c.patient in patients and c.label is not None}
-    pool = sorted(grouped)
+    first: dict[str, Case] = {}
+    for case in sorted((c for c in cases if c.patient in patients and c.label is not None),
+                       key=lambda c: (c.patient, c.week)):
+        first.setdefault(case.patient, case)
+    pool = sorted(first)
     if not pool:
         raise ValueError("replay: none of the parent's training patients has a labelled scan here")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
-    return [sorted(c for c in cases if c.patient == pool[i] and c.label is not None)[0] for i in sorted(chosen)]
+    return [first[pool[i]] for i in sorted(chosen)]
 
 
 def describe(setting: dict) -> str:

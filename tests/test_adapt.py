@@ -356,3 +356,40 @@ def test_guard_falls_back_to_the_parents_organ_and_flags_the_case(parent, adapte
     torch.save(state, guarded / "best.pt")
     with pytest.raises(CheckpointError, match="has changed since the adaptation"):
         Segmenter.from_checkpoints(guarded, device="cpu")
+
+
+def test_candidates_that_stay_near_the_parent(parent, capsys, tmp_path):
+    """--trainable decoder freezes the encoder, --replay mixes a training patient's scan in, --l2sp adds
+    the distance to the parent; the grids of --choose-on-validation try them."""
+    out = tmp_path / "near"
+    code, _, err = run_adapt(["--checkpoint", parent["run"], "--patient", parent["split"]["test"][0], "--steps", "3",
+                              "--lr", "3e-3", "--augment", "off", "--trainable", "decoder", "--l2sp", "0.1",
+                              "--replay", "1", "--out", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    record = json.loads((out / "adapted.json").read_text())
+    assert record["settings"] == {"steps": 3, "lr": 3e-3, "augment": False, "trainable": "decoder", "l2sp": 0.1,
+                                  "replay": 1}
+    assert len(record["replay"]) == 1 and record["replay"][0].split("_")[1] in parent["split"]["train"]
+    state, parent_state = load_checkpoint(out / "rejected.pt" if not record["used"] else out / "best.pt"), \
+        load_checkpoint(parent["run"] / "best.pt")
+    moved = {k for k in parent_state["model"] if not torch.equal(state["model"][k], parent_state["model"][k])}
+    assert moved and all(k.startswith(("dec", "head")) for k in moved), sorted(moved)
+    # the L2-SP term, computed here: the loss plus alpha times the squared distance to the start
+    model = torch.nn.Linear(3, 2)
+    base = torch.nn.MSELoss()
+    penalised = adaptation.L2SPLoss(base, model, alpha=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    x, y = torch.ones(1, 3), torch.zeros(1, 2)
+    assert float(penalised(model(x), y)) == pytest.approx(float(base(model(x), y)) + 0.5 * 6.0)
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(parent["run"], run_dir)
+    code, out_text, err = run_adapt(["--choose-on-validation", run_dir, "--data-root", parent["data"], "--steps-grid",
+                                     "0", "1", "--lr-grid", "1e-3", "--augment-grid", "off", "--trainable-grid",
+                                     "all", "norm_head", "--l2sp-grid", "0", "0.1", "--replay-grid", "0", "1",
+                                     "--device", "cpu"], capsys)
+    assert code == 0, err
+    table = json.loads((run_dir / adapt.SETTINGS_FILE).read_text())["table"]
+    assert {(r["trainable"], r["l2sp"], r["replay"]) for r in table if r["steps"] == 1} == {
+        (t, a, n) for t in ("all", "norm_head") for a in (0.0, 0.1) for n in (0, 1)}
