@@ -11,8 +11,11 @@ contours (MR-guided adaptive radiotherapy: the planning scan, week 0), for that 
     python adapt.py --evaluate runs/demo
 
 --out becomes a run folder like train.py's (best.pt, config.json, splits.json, postprocessing.json,
-uncertainty.json) that predict.py, ensembles and export.py take like any other, plus adapted.json:
-the parent, the reference scans, the setting, and parent and adapted Dice on the reference scans.
+uncertainty.json) plus adapted.json: the parent (path, SHA-256), the reference scans, the setting,
+the per-organ decision (adapted or the parent's) and the guard's thresholds, and parent and adapted
+Dice on the reference scans. predict.py runs it with its parent beside it: an organ decided for the
+parent, or one that disagrees grossly with the parent's on a scan, is the parent's (the latter
+flagged). See docs/adaptation.md.
 """
 
 from __future__ import annotations
