@@ -348,17 +348,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     weeks = sorted({r["week"] for r in before})
     print(f"Test patients' later weeks ({len(before)} scans of {len(patients)} patients), per organ: parent -> "
           "adapted (change) per week, the mean, the worst week:")
-    header = "".join(f" {'week ' + str(w):>21}" for w in weeks)
-    print(f"  {'organ':<10} {'from':<8}{header} {'mean':>21} {'worst':>12}" +
+    header = "".join(f" {'week ' + str(w):>26}" for w in weeks)
+    print(f"  {'organ':<10} {'from':<8}{header} {'mean':>26} {'worst':>13}" +
           ("" if args.no_hd95 else f" {'HD95 parent':>12} {'adapted':>8}"))
     for name in class_names[1:]:
         row = result["per_week"][name]
-        cells = "".join(f" {v['parent']:6.3f} -> {v['adapted']:6.3f} ({v['change']:+.3f})"[-22:].rjust(22)
+        cells = "".join(f" {v['parent']:6.3f} -> {v['adapted']:6.3f} ({v['change']:+.3f})".rjust(27)
                         for v in (row["weeks"][str(w)] for w in weeks))
         mean_change = result["adapted"]["dice"][name] - result["parent"]["dice"][name]
         worst = (f"week {row['worst_week']} {row['worst_change']:+.3f}" if row["worst_week"] is not None else "-")
-        line = (f"  {name:<10} {organs.get(name, 'adapted'):<8}{cells} {result['parent']['dice'][name]:6.3f} -> "
-                f"{result['adapted']['dice'][name]:6.3f} ({mean_change:+.3f}) {worst:>12}")
+        line = (f"  {name:<10} {organs.get(name, 'adapted'):<8}{cells}  {result['parent']['dice'][name]:6.3f} -> "
+                f"{result['adapted']['dice'][name]:6.3f} ({mean_change:+.3f}) {worst:>13}")
         if not args.no_hd95:
             line += f" {result['parent']['hd95'][name]:12.2f} {result['adapted']['hd95'][name]:8.2f}"
         print(line)
