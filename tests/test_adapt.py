@@ -385,6 +385,8 @@ def test_candidates_that_stay_near_the_parent(parent, capsys, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(parent["run"], run_dir)
+    for name in (adapt.SETTINGS_FILE, adapt.EVALUATION_FILE):  # another test's choice may be there
+        (run_dir / name).unlink(missing_ok=True)
     code, out_text, err = run_adapt(["--choose-on-validation", run_dir, "--data-root", parent["data"], "--steps-grid",
                                      "0", "1", "--lr-grid", "1e-3", "--augment-grid", "off", "--trainable-grid",
                                      "all", "norm_head", "--l2sp-grid", "0", "0.1", "--replay-grid", "0", "1",
