@@ -11,8 +11,11 @@ contours (MR-guided adaptive radiotherapy: the planning scan, week 0), for that 
     python adapt.py --evaluate runs/demo
 
 --out becomes a run folder like train.py's (best.pt, config.json, splits.json, postprocessing.json,
-uncertainty.json) that predict.py, ensembles and export.py take like any other, plus adapted.json:
-the parent, the reference scans, the setting, and parent and adapted Dice on the reference scans.
+uncertainty.json) plus adapted.json: the parent (path, SHA-256), the reference scans, the setting,
+the per-organ decision (adapted or the parent's) and the guard's thresholds, and parent and adapted
+Dice on the reference scans. predict.py runs it with its parent beside it: an organ decided for the
+parent, or one that disagrees grossly with the parent's on a scan, is the parent's (the latter
+flagged). See docs/adaptation.md.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from pelvicseg.atomic import write_bytes, write_json
-from pelvicseg.adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, SETTINGS_FILE, Parent, adapted_member, choose_from,
-                        evaluate_cases, fine_tune, grid_of, load_parent, mean_foreground,
-                        patients_with_weeks, per_class_means, prepared, run_protocol, settings_for, table_of)
+from pelvicseg.adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, MAX_ORGAN_LOSS, SETTINGS_FILE,
+                                  TRAINABLE, Parent, adapted_member, choose_from, decision_for, describe,
+                                  evaluate_cases, fine_tune, grid_of, guard_thresholds, load_parent, mean_foreground,
+                                  patients_with_weeks, per_class_means, per_week_table, prepared, replay_cases,
+                                  run_protocol, settings_for, table_of)
 from pelvicseg.checkpoint import file_sha256, save_checkpoint
 from pelvicseg.cli import run_cli
 from dataset import Case, case_id_from_path, find_cases
@@ -67,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", choices=("on", "off"),
                         help=f"the parent's training augmentation, or crops only (default: RUN/{SETTINGS_FILE}'s, "
                         f"else {'on' if DEFAULT_SETTINGS['augment'] else 'off'})")
+    parser.add_argument("--trainable", choices=TRAINABLE, help="the parameters fine-tuned: all, decoder (encoder "
+                        "frozen) or norm_head (normalisation layers and output head) (default: RUN/"
+                        f"{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['trainable']})")
+    parser.add_argument("--l2sp", type=float, help="weight of the L2-SP penalty, the squared distance to the parent's "
+                        f"weights (default: RUN/{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['l2sp']:g})")
+    parser.add_argument("--replay", type=int, help="that many of the parent's training scans (one per patient) mixed "
+                        f"into the reference crops (default: RUN/{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['replay']})")
     parser.add_argument("--steps-grid", type=int, nargs="+", default=list(GRID_STEPS),
                         help="with --choose-on-validation: the step counts scored (0: the parent)")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=list(GRID_LR),
@@ -74,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment-grid", choices=("on", "off"), nargs="+",
                         default=["on" if a else "off" for a in GRID_AUGMENT],
                         help="with --choose-on-validation: augmentation tried on, off or both")
+    parser.add_argument("--trainable-grid", choices=TRAINABLE, nargs="+", default=["all"],
+                        help="with --choose-on-validation: the parameter sets fine-tuned")
+    parser.add_argument("--l2sp-grid", type=float, nargs="+", default=[0.0],
+                        help="with --choose-on-validation: the L2-SP weights tried")
+    parser.add_argument("--replay-grid", type=int, nargs="+", default=[0],
+                        help="with --choose-on-validation: the numbers of replayed training scans tried")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="refused unless it is the parent's: an adapted model keeps its parent's preprocessing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the crops and augmentation")
@@ -98,7 +116,20 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def overrides(args: argparse.Namespace) -> dict:
-    return {"steps": args.steps, "lr": args.lr, "augment": None if args.augment is None else args.augment == "on"}
+    return {"steps": args.steps, "lr": args.lr, "augment": None if args.augment is None else args.augment == "on",
+            "trainable": args.trainable, "l2sp": args.l2sp, "replay": args.replay}
+
+
+def training_replay(parent: Parent, data_root: str | None, count: int, seed: int) -> list[Case]:
+    """The parent's training scans replayed among the reference crops (none for ``count`` 0)."""
+    if count <= 0:
+        return []
+    cases, _ = parent_cases(parent, data_root)
+    train_patients = list((parent.member.split or {}).get("train") or [])
+    try:
+        return replay_cases(cases, train_patients, count, seed)
+    except ValueError as problem:
+        raise DataError(f"{parent.path}: {problem}; give --data-root or --replay 0") from None
 
 
 def check_spacing(parent: Parent, spacing: Sequence[float] | None) -> None:
@@ -159,26 +190,29 @@ def adapt_one(args: argparse.Namespace) -> dict:
     prepare_out(out, args.overwrite)
     reference = reference_cases(args, parent)
     settings, source = settings_for(parent.member.run_dir, overrides(args))
+    organs, guard, decision_source = decision_for(parent.member.run_dir, parent.class_names)
+    replay = training_replay(parent, args.data_root, settings["replay"], args.seed)
     device = resolve_device(args.device)
     print(f"Adapting {parent.path} on {len(reference)} reference scan(s) ({', '.join(c.case_id for c in reference)}): "
-          f"{settings['steps']} steps, lr {settings['lr']:g}, augment {settings['augment']} [{source}] on {device}",
-          flush=True)
+          f"{settings['steps']} steps, {describe(settings)} [{source}] on {device}; organs adapted: "
+          f"{', '.join(n for n, v in organs.items() if v == 'adapted') or 'none'} [{decision_source}]", flush=True)
     started = time.perf_counter()
-    weights, train_seconds = fine_tune(parent, reference, settings, device, args.seed)
+    weights, train_seconds = fine_tune(parent, reference, settings, device, args.seed, replay=replay)
     scans = prepared(parent, reference)
     before = evaluate_cases(parent.member, scans, device, hd95=False)
     after = evaluate_cases(adapted_member(parent, weights), scans, device, hd95=False)
     seconds = time.perf_counter() - started
     parent_dice, adapted_dice = mean_foreground(before), mean_foreground(after)
     used = adapted_dice >= parent_dice
-    record = {"parent": str(parent.path), "parent_sha256": file_sha256(parent.path),
+    record = {"parent": str(parent.path.resolve()), "parent_sha256": file_sha256(parent.path),
               "reference": [{"case": c.case_id, "patient": c.patient, "week": c.week, "image": str(Path(c.image).resolve()),
                              "label": str(Path(c.label).resolve())} for c in reference],
               "settings": settings, "settings_source": source, "seed": args.seed, "device": str(device),
               "train_seconds": train_seconds, "seconds": seconds,
               "reference_dice_parent": before, "reference_dice_adapted": after,
               "reference_mean_fg_dice_parent": parent_dice, "reference_mean_fg_dice_adapted": adapted_dice,
-              "used": used}
+              "used": used, "organs": organs, "organs_source": decision_source, "guard": guard,
+              "replay": [c.case_id for c in replay]}
     state = {key: value for key, value in parent.state.items() if key not in ("optimizer", "scaler", "rng")}
     state["model"] = weights if used else parent.member.weights
     state["adaptation"] = record
@@ -247,7 +281,8 @@ def progress_folder(target: Path) -> Path:
 
 
 def protocol_kept(parent: Parent, patients: dict[str, list[Case]], grid: Sequence[dict], milestones: Sequence[int],
-                  device, seed: int, hd95: bool, target: Path) -> dict:
+                  device, seed: int, hd95: bool, target: Path, replay: Sequence[Case] = (),
+                  organs: dict | None = None, thresholds: dict | None = None) -> dict:
     """``run_protocol`` one patient at a time, each patient's records kept (atomically) in
     progress_folder(target)/<patient>.json with what made them: a command stopped half-way
     (killed, out of disk) and run again takes the patients already done, and adapts again, saying
@@ -258,7 +293,8 @@ def protocol_kept(parent: Parent, patients: dict[str, list[Case]], grid: Sequenc
     for patient, weeks in patients.items():
         made_by = json_ready({"parent_sha256": file_sha256(parent.path), "weeks": [c.case_id for c in weeks],
                               "grid": list(grid), "milestones": list(milestones), "seed": seed,
-                              "device": str(device.type), "hd95": hd95})
+                              "device": str(device.type), "hd95": hd95, "replay": [c.case_id for c in replay],
+                              "organs": organs, "thresholds": thresholds})
         path = folder / f"{patient}.json"
         kept = read_record(path)
         if kept is not None and kept.get("made_by") == made_by:
@@ -268,7 +304,8 @@ def protocol_kept(parent: Parent, patients: dict[str, list[Case]], grid: Sequenc
             if kept is not None:
                 changed = next(k for k in made_by if (kept.get("made_by") or {}).get(k) != made_by[k])
                 print(f"  patient {patient}: {path} was made with another {changed}; adapting again", flush=True)
-            outcome = run_protocol(parent, {patient: weeks}, grid, milestones, device, seed, hd95=hd95)
+            outcome = run_protocol(parent, {patient: weeks}, grid, milestones, device, seed, hd95=hd95, replay=replay,
+                                   organs=organs, thresholds=thresholds)
             write_json(path, json_ready({"made_by": made_by, "outcome": outcome}))
         records += outcome["records"]
         seconds += outcome["seconds"]
@@ -276,65 +313,100 @@ def protocol_kept(parent: Parent, patients: dict[str, list[Case]], grid: Sequenc
 
 
 def choose(args: argparse.Namespace) -> dict:
-    """--choose-on-validation: the grid on the validation patients; the best setting to adaptation.json."""
+    """--choose-on-validation: the grid on the validation patients; the constrained best setting,
+    the per-organ decision and the guard's thresholds to adaptation.json."""
     parent, target, cases = open_run(args.choose_on_validation, args, SETTINGS_FILE)
     patients = validation_patients(parent, cases, args.patients)
-    grid = grid_of(args.lr_grid, [a == "on" for a in args.augment_grid])
+    grid = grid_of(args.lr_grid, [a == "on" for a in args.augment_grid], args.trainable_grid, args.l2sp_grid,
+                   args.replay_grid)
+    replay = training_replay(parent, args.data_root, max(args.replay_grid), args.seed)
     milestones = sorted(set(args.steps_grid) | {0})
     device = resolve_device(args.device)
     print(f"Choosing the adaptation on {len(patients)} validation patient(s) ({', '.join(patients)}): "
-          f"{len(grid)} (lr, augment) x steps {milestones}", flush=True)
-    outcome = protocol_kept(parent, patients, grid, milestones, device, args.seed, False, target)
-    num_classes = len(parent.class_names)
+          f"{len(grid)} setting(s) x steps {milestones}", flush=True)
+    outcome = protocol_kept(parent, patients, grid, milestones, device, args.seed, False, target, replay=replay)
+    class_names = parent.class_names
+    num_classes = len(class_names)
     table = table_of(outcome["records"], num_classes)
-    chosen = choose_from(table)
-    result = {"chosen": chosen, "criterion": "mean foreground Dice of the later weeks, adapted on the first week",
+    decided = choose_from(table, class_names)
+    organs, gain, mean_gain = decided.pop("organs"), decided.pop("gain"), decided.pop("mean_gain")
+    chosen = decided
+    guard = guard_thresholds(outcome["records"], chosen, class_names)
+    result = {"chosen": chosen, "organs": organs, "gain": gain, "mean_gain": mean_gain, "guard": guard,
+              "criterion": f"the best mean gain over the parent in per-organ Dice of the later weeks (adapted on the "
+                           f"first week) among the settings where no organ loses more than {MAX_ORGAN_LOSS}; an "
+                           "organ that loses more in every setting keeps the parent's prediction",
+              "max_organ_loss": MAX_ORGAN_LOSS,
               "parent": str(parent.path), "patients": list(patients), "seed": args.seed, "device": str(device),
-              "class_names": parent.class_names, "table": table, "train_seconds": outcome["seconds"],
-              "records": outcome["records"]}
+              "class_names": class_names, "table": table, "train_seconds": outcome["seconds"],
+              "replay": [c.case_id for c in replay], "records": outcome["records"]}
+    parent_row = next(row for row in table if row["steps"] == 0)
     for row in table:
-        print(f"  steps {row['steps']:4d}  lr {row['lr'] or 0:8.1e}  augment {str(row['augment']):5s}  "
-              f"mean foreground Dice {row['mean_fg_dice']:.4f}  ({row['weeks']} weeks)")
-    print(f"Chosen: {chosen['steps']} steps, lr {chosen['lr']:g}, augment {chosen['augment']} -> {target}")
+        changes = " ".join(f"{name[:4]} {row['dice'][c] - parent_row['dice'][c]:+.3f}"
+                           for c, name in enumerate(class_names) if c > 0)
+        label = "parent" if row["steps"] == 0 else f"steps {row['steps']:4d}  {describe(row)}"
+        print(f"  {label:<58s} mean foreground Dice {row['mean_fg_dice']:.4f}  ({row['weeks']} weeks)  {changes}")
+    print(f"Chosen: {chosen['steps']} steps, {describe(chosen)}; mean gain {mean_gain:+.4f}; organs adapted: "
+          f"{', '.join(n for n, v in organs.items() if v == 'adapted') or 'none'}, from the parent: "
+          f"{', '.join(n for n, v in organs.items() if v == 'parent') or 'none'} -> {target}")
     write_json(target, json_ready(result))
     shutil.rmtree(progress_folder(target), ignore_errors=True)
     return result
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    """--evaluate: the protocol on the test patients with the run's setting, parent against adapted."""
+    """--evaluate: the protocol on the test patients with the run's setting and per-organ decision,
+    parent against what an adapted model delivers (guarded by its parent), per organ and per week."""
     parent, target, cases = open_run(args.evaluate, args, EVALUATION_FILE)
     test = list((parent.member.split or {}).get("test") or [])
     patients = patients_with_weeks(cases, test)
     if not patients:
         raise DataError(f"{parent.path}: no test patient has two or more labelled weeks")
     settings, source = settings_for(parent.member.run_dir, overrides(args))
+    class_names = parent.class_names
+    organs, guard, decision_source = decision_for(parent.member.run_dir, class_names)
+    replay = training_replay(parent, args.data_root, settings["replay"], args.seed)
     device = resolve_device(args.device)
-    print(f"Adapting each of {len(patients)} test patient(s) on its first week: {settings['steps']} steps, lr "
-          f"{settings['lr']:g}, augment {settings['augment']} [{source}] on {device}", flush=True)
-    grid = [{"lr": settings["lr"], "augment": settings["augment"]}]
-    outcome = protocol_kept(parent, patients, grid, sorted({0, settings["steps"]}), device, args.seed,
-                            not args.no_hd95, target)
-    records, class_names = outcome["records"], parent.class_names
+    print(f"Adapting each of {len(patients)} test patient(s) on its first week: {settings['steps']} steps, "
+          f"{describe(settings)} [{source}] on {device}; organs adapted: "
+          f"{', '.join(n for n, v in organs.items() if v == 'adapted') or 'none'} [{decision_source}]", flush=True)
+    grid = [{k: settings[k] for k in settings if k != "steps"}]
+    steps = max(settings["steps"], 1)
+    outcome = protocol_kept(parent, patients, grid, sorted({0, steps}), device, args.seed, not args.no_hd95, target,
+                            replay=replay, organs=organs, thresholds=guard)
+    records = outcome["records"]
     before = [r for r in records if r["steps"] == 0]
-    after = [r for r in records if r["steps"] == settings["steps"]]
-    result = {"settings": settings, "settings_source": source, "parent": str(parent.path), "patients": list(patients),
+    after = [r for r in records if r["steps"] == steps]
+    result = {"settings": settings, "settings_source": source, "organs": organs, "organs_source": decision_source,
+              "guard": guard, "parent": str(parent.path), "patients": list(patients),
               "seed": args.seed, "device": str(device), "class_names": class_names, "weeks_scored": len(before),
-              "seconds_per_adaptation": outcome["seconds"], "records": records}
+              "seconds_per_adaptation": outcome["seconds"], "records": records,
+              "fallbacks": [{"case": r["case"], **f} for r in after for f in r["fallbacks"]]}
     for name, chosen in (("parent", before), ("adapted", after)):
         result[name] = {"dice": dict(zip(class_names, per_class_means(chosen, "dice", len(class_names)))),
                         "mean_fg_dice": mean_foreground(chosen)}
         if not args.no_hd95:
             result[name]["hd95"] = dict(zip(class_names, per_class_means(chosen, "hd95", len(class_names))))
-    print(f"Test patients' later weeks ({len(before)} scans of {len(patients)} patients), per class:")
-    print(f"  {'class':<10} {'Dice parent':>12} {'adapted':>8} {'change':>8}" +
+    result["per_week"] = per_week_table(records, class_names, steps)
+    weeks = sorted({r["week"] for r in before})
+    print(f"Test patients' later weeks ({len(before)} scans of {len(patients)} patients), per organ: parent -> "
+          "adapted (change) per week, the mean, the worst week:")
+    header = "".join(f" {'week ' + str(w):>26}" for w in weeks)
+    print(f"  {'organ':<10} {'from':<8}{header} {'mean':>26} {'worst':>13}" +
           ("" if args.no_hd95 else f" {'HD95 parent':>12} {'adapted':>8}"))
     for name in class_names[1:]:
-        line = (f"  {name:<10} {result['parent']['dice'][name]:12.4f} {result['adapted']['dice'][name]:8.4f} "
-                f"{result['adapted']['dice'][name] - result['parent']['dice'][name]:+8.4f}")
+        row = result["per_week"][name]
+        cells = "".join(f" {v['parent']:6.3f} -> {v['adapted']:6.3f} ({v['change']:+.3f})".rjust(27)
+                        for v in (row["weeks"][str(w)] for w in weeks))
+        mean_change = result["adapted"]["dice"][name] - result["parent"]["dice"][name]
+        worst = (f"week {row['worst_week']} {row['worst_change']:+.3f}" if row["worst_week"] is not None else "-")
+        line = (f"  {name:<10} {organs.get(name, 'adapted'):<8}{cells}  {result['parent']['dice'][name]:6.3f} -> "
+                f"{result['adapted']['dice'][name]:6.3f} ({mean_change:+.3f}) {worst:>13}")
         if not args.no_hd95:
             line += f" {result['parent']['hd95'][name]:12.2f} {result['adapted']['hd95'][name]:8.2f}"
         print(line)
+    for fallback in result["fallbacks"]:
+        print(f"  guard: {fallback['case']} {fallback['organ']}: {fallback['reason']}")
     seconds = outcome["seconds"]
     print(f"  mean foreground Dice {result['parent']['mean_fg_dice']:.4f} -> {result['adapted']['mean_fg_dice']:.4f}; "
           f"fine-tuning {np.mean(seconds):.1f} s per patient (max {np.max(seconds):.1f} s) on {device}")

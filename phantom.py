@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pelvicseg.phantom import BASE_SHAPE, make_case, save_preview, write_dicom_series, write_phantom
+from pelvicseg.phantom import BASE_SHAPE, BLADDER_FILLING, RECTUM_FILLING, make_case, save_preview, write_dicom_series, write_phantom
 from pelvicseg.progress import progress
 
 
@@ -49,6 +49,11 @@ def get_args(argv=None):
     parser.add_argument("--fov", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("FX", "FY", "FZ"),
                         help="keep this central fraction of the field of view on each axis (another protocol's "
                         "smaller field of view; the anatomy stays where it is in mm)")
+    parser.add_argument("--filling-range", type=float, nargs=2, default=list(BLADDER_FILLING), metavar=("LOW", "HIGH"),
+                        help="each week's bladder volume over the patient's usual one, drawn uniformly in this range "
+                        "(wider: larger week-to-week changes; the anatomy and other draws stay the same)")
+    parser.add_argument("--rectum-filling-range", type=float, nargs=2, default=list(RECTUM_FILLING),
+                        metavar=("LOW", "HIGH"), help="the same for the rectum's filling")
     parser.add_argument("--seed", type=int, default=0, help="seed; equal seeds give byte-identical files")
     parser.add_argument("--first-patient-id", type=int, default=4, metavar="ID",
                         help="id of the first patient (HipMRI starts at Case_004)")
@@ -61,6 +66,10 @@ def get_args(argv=None):
     if args.dicom and args.out is None:
         parser.error("--dicom writes the cases as NIfTI and as DICOM series under --out; for example: "
                      "python phantom.py --dicom --out data/phantom_dicom --patients 1 --weeks 1")
+    for flag, (low, high) in (("--filling-range", args.filling_range),
+                              ("--rectum-filling-range", args.rectum_filling_range)):
+        if not 0 < low <= high:
+            parser.error(f"{flag} {low:g} {high:g}: needs 0 < LOW <= HIGH")
     if args.out is None and args.preview is None:
         parser.error("nothing to write: give --out DIR, --preview PNG or both; for example: "
                      "python phantom.py --out data/phantom")
@@ -73,7 +82,7 @@ def main(args):
     written = []
     if args.out is not None:
         pairs = write_phantom(args.out, args.patients, args.weeks, shape, args.seed, args.first_patient_id,
-                              tuple(args.fov))
+                              tuple(args.fov), tuple(args.filling_range), tuple(args.rectum_filling_range))
         written.append(f"{len(pairs)} image/label pairs of shape {shape} to {args.out}")
         if args.dicom:  # from the written NIfTI, so the series has exactly its geometry
             for image_path, _ in progress(pairs, "phantom DICOM"):

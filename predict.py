@@ -36,6 +36,7 @@ from pelvicseg.progress import progress
 from pelvicseg.records import (case_status, made_with, read_record, record_path, result_from_record,
                                write_record)
 from pelvicseg.report import write_report
+from pelvicseg.guard import guard_flags
 from pelvicseg.segmenter import ENGINES, Segmenter
 from pelvicseg.uncertainty import (describe_held_out, fit_from_volumes, flag_case, rank_correlation, review_settings,
                          voxel_error_auroc, write_uncertainty)
@@ -294,7 +295,7 @@ def predict_case(case: Case, segmenter: Segmenter, args, rule: dict | None, out:
     write_prediction(labels, source, prediction_path)
     write_uncertainty(entropy, source, uncertainty_path)
     scores = np.asarray(evaluated["uncertainty"], dtype=float)
-    flags = flag_case(scores, rule, class_names) if rule else []
+    flags = (flag_case(scores, rule, class_names) if rule else []) + guard_flags(evaluated["fallbacks"])
     result = {"case": case, "flags": flags, "rows": [], "dice": None, "hd95": None, "misses": None, "labels": labels}
     if target is not None:
         result["dice"] = np.asarray(evaluated["dice"], dtype=float)
@@ -628,7 +629,8 @@ def write_run_files(args: argparse.Namespace, run: Run, segmenter: Segmenter, ru
     write_report(out, [r["report"] for r in results], summary if labelled else None, class_names,
                  title=f"Prediction report: {len(results)} volume(s), {len(members)} model(s)", run_figures=run_figures,
                  skipped=[s.as_dict() for s in run.skipped], warnings=run.warnings, longitudinal=longitudinal,
-                 review_rule=summary["review_rule"] if isinstance(summary["review_rule"], dict) else None)
+                 review_rule=summary["review_rule"] if isinstance(summary["review_rule"], dict) else None,
+                 adaptation=segmenter.adaptation)
     print_outcome(out, summary, results, longitudinal, class_names, bool(labelled))
     return summary
 

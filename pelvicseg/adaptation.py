@@ -7,9 +7,18 @@ every figure comes from ``segmenter.Segmenter.evaluate``, predict.py's evaluatio
 adapt.py is the command line over this module; gpu_check.py times ``fine_tune`` on a GPU.
 
 How long to fine-tune, at which learning rate and with or without augmentation is chosen on the
-parent run's validation patients (``choose_settings``): each validation patient with two or more
+parent run's validation patients (``choose_from``): each validation patient with two or more
 weeks is adapted on its first week and scored on its later weeks, for every setting of a small
-grid, and the setting with the best mean foreground Dice wins. Test patients never enter it.
+grid. The setting with the best mean gain over the parent wins among those where no organ loses
+more than ``MAX_ORGAN_LOSS``; an organ that loses more in every setting stays the parent's. Test
+patients never enter it. The same later weeks fit the guard (``guard.fit_thresholds``) that every
+prediction of the adapted model runs against its parent.
+
+The settings beside steps, rate and augmentation keep the adapted model near its parent:
+``trainable`` ("all", "decoder": the encoder frozen, "norm_head": only the normalisation layers and
+the output head), ``l2sp`` (a penalty on the squared distance to the parent's weights, Li et al.
+2018, "Explicit inductive bias for transfer learning", L2-SP) and ``replay`` (that many of the
+parent's training scans mixed into the patient's crops).
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import Dataset
+from torch.utils.data import ConcatDataset
 
 from pelvicseg.checkpoint import load_checkpoint
+from pelvicseg.guard import fit_thresholds
 from dataset import Case, DeviceAugmentation, augmentation, cached_dataset
 from pelvicseg.inference import Member, autocast_dtype, checkpoint_path, load_members, load_source
 from pelvicseg.metrics import nan_mean
@@ -46,7 +57,13 @@ SETTINGS_FILE = "adaptation.json"  # in the parent run: the setting chosen on it
 # step count and rate of its grid (120 steps at 1e-3: 0.883 against 0.861; the parent 0.816). The
 # later weeks are the same anatomy as the reference scan, so the augmentation's invented variety
 # only spends steps.
-DEFAULT_SETTINGS = {"steps": 120, "lr": 1e-3, "augment": False}
+DEFAULT_SETTINGS = {"steps": 120, "lr": 1e-3, "augment": False, "trainable": "all", "l2sp": 0.0, "replay": 0}
+# The constraint of the choice: no organ's mean Dice over the later weeks may fall by more than this.
+MAX_ORGAN_LOSS = 0.01
+TRAINABLE = ("all", "decoder", "norm_head")
+# Without adaptation.json the guard has no fitted thresholds; these catch only gross collapses
+# (a third of the parent's volume or three times it, 2 cm away, a tenth of the overlap).
+DEFAULT_GUARD = {"min_overlap": 0.1, "max_volume_ratio": 3.0, "max_centroid_mm": 20.0, "scans": 0}
 # The grid --choose-on-validation scores. The step counts are milestones of one fine-tuning per
 # (lr, augment), so the grid costs max(steps) steps per (patient, lr, augment), not their sum.
 GRID_STEPS = (0, 40, 80, 120)
@@ -82,7 +99,9 @@ def settings_for(parent_run: Path, overrides: dict) -> tuple[dict, str]:
     flag given on the command line replaces its entry. Returns (setting, where it came from)."""
     chosen_file = parent_run / SETTINGS_FILE
     if chosen_file.exists():
-        settings, source = dict(json.loads(chosen_file.read_text())["chosen"]), f"chosen on validation ({chosen_file})"
+        chosen = json.loads(chosen_file.read_text())["chosen"]
+        settings = {**DEFAULT_SETTINGS, **{k: v for k, v in chosen.items() if k in DEFAULT_SETTINGS}}
+        source = f"chosen on validation ({chosen_file})"
     else:
         settings, source = dict(DEFAULT_SETTINGS), f"defaults (no {chosen_file})"
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -90,6 +109,22 @@ def settings_for(parent_run: Path, overrides: dict) -> tuple[dict, str]:
         source += "; given: " + ", ".join(f"{k} {v}" for k, v in given.items())
     settings.update(given)
     return settings, source
+
+
+def decision_for(parent_run: Path, class_names: Sequence[str]) -> tuple[dict, dict, str]:
+    """Per organ "adapted" or "parent", and the guard's thresholds per organ: the run's
+    adaptation.json where it records them, else every organ adapted under ``DEFAULT_GUARD``.
+    Returns (organs, thresholds, where they came from)."""
+    chosen_file = parent_run / SETTINGS_FILE
+    chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
+    organs = {name: "adapted" for name in class_names[1:]}
+    if chosen.get("organs"):
+        organs.update(chosen["organs"])
+        source = f"chosen on validation ({chosen_file})"
+    else:
+        source = f"defaults (no per-organ decision in {chosen_file})"
+    thresholds = chosen.get("guard") or {name: dict(DEFAULT_GUARD) for name in class_names[1:]}
+    return organs, thresholds, source
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -109,9 +144,11 @@ def reference_data(parent: Parent, cases: Sequence[Case], augment: bool) -> Data
 
 def fine_tune(parent: Parent, cases: Sequence[Case], settings: dict, device: torch.device, seed: int = 0,
               milestones: Sequence[int] = (), on_milestone: Callable[[int, dict], None] | None = None,
-              data: Dataset | None = None) -> tuple[dict, float]:
+              data: Dataset | None = None, replay: Sequence[Case] = ()) -> tuple[dict, float]:
     """``settings["steps"]`` training steps on ``cases`` from the parent's weights, Adam at a
-    constant ``settings["lr"]``. At each step count in ``milestones`` (above 0) ``on_milestone(step, weights)``
+    constant ``settings["lr"]``, on the parameters ``settings["trainable"]`` names, with the L2-SP
+    penalty ``settings["l2sp"]`` and the scans ``replay`` (the parent's training scans) mixed into
+    the crops. At each step count in ``milestones`` (above 0) ``on_milestone(step, weights)``
     gets a CPU copy of the weights. Returns the final weights on the CPU and the seconds of
     training (the milestones' own time left out)."""
     started = time.perf_counter()  # the reference scans' preprocessing counts, when it is done here
@@ -119,17 +156,21 @@ def fine_tune(parent: Parent, cases: Sequence[Case], settings: dict, device: tor
     model = ImprovedUNet3D(**parent.member.model_args)
     model.load_state_dict(parent.member.weights)
     model.to(device).train()
+    trained = trainable_parameters(model, settings.get("trainable", "all"))
     amp_dtype = autocast_dtype(device, enabled=not config.get("no_amp", False))
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"], weight_decay=config.get("weight_decay", 0.0))
+    optimizer = torch.optim.Adam(trained, lr=settings["lr"], weight_decay=config.get("weight_decay", 0.0))
     class_weights = torch.as_tensor(parent.state.get("class_weights") or [1.0] * len(parent.class_names),
                                     dtype=torch.float32, device=device)
+    loss = make_loss(config.get("loss", "combined"), class_weights, config.get("class_weighting", "ce-dice"))
+    if settings.get("l2sp"):
+        loss = L2SPLoss(loss, model, float(settings["l2sp"]))
     trainer = Trainer(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                      make_loss(config.get("loss", "combined"), class_weights,
-                                config.get("class_weighting", "ce-dice")), config.get("loss", "combined"),
-                      amp_dtype)
+                      loss, config.get("loss", "combined"), amp_dtype)
     augment = bool(settings["augment"])
     device_augmentation = DeviceAugmentation() if augment and config.get("augment", "device") == "device" else None
     data = data if data is not None else reference_data(parent, cases, augment)
+    if replay:
+        data = ConcatDataset([data, reference_data(parent, replay, augment)])
     step, seconds = 0, 0.0
     for repeat in range(math.ceil(settings["steps"] / max(len(data), 1))):
         generator_seed = epoch_seed(seed, repeat + 1)
@@ -159,6 +200,40 @@ def fine_tune(parent: Parent, cases: Sequence[Case], settings: dict, device: tor
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, seconds
 
 
+def trainable_parameters(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """The parameters fine-tuned (the others frozen): "all"; "decoder" (the up path and the
+    heads, the encoder and bottleneck frozen); "norm_head" (GroupNorm scales and shifts, and the heads)."""
+    if which not in TRAINABLE:
+        raise ValueError(f"trainable {which!r}: one of {', '.join(TRAINABLE)}")
+    norms = {name for name, module in model.named_modules() if isinstance(module, torch.nn.GroupNorm)}
+    chosen = []
+    for name, parameter in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        head = module.startswith(("head", "aux_head"))
+        keep = (which == "all" or (which == "decoder" and (module.startswith("dec") or head))
+                or (which == "norm_head" and (module in norms or head)))
+        parameter.requires_grad_(keep)
+        if keep:
+            chosen.append(parameter)
+    return chosen
+
+
+class L2SPLoss(torch.nn.Module):
+    """The training loss plus ``alpha`` times the squared distance of the trained weights to the
+    parent's (L2-SP): the fine-tuning stays near the starting point. Wraps the loss that
+    ``Trainer.step`` calls, so the step itself is training's."""
+
+    def __init__(self, loss: torch.nn.Module, model: torch.nn.Module, alpha: float):
+        super().__init__()
+        self.loss, self.model, self.alpha = loss, [model], alpha  # a list: not registered as a submodule
+        self.start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def forward(self, *args):
+        penalty = sum(((p - self.start[name]) ** 2).sum() for name, p in self.model[0].named_parameters()
+                      if name in self.start)
+        return self.loss(*args) + self.alpha * penalty
+
+
 def adapted_member(parent: Parent, weights: dict, name: str = "adapted") -> Member:
     """The parent's member with other weights: the same preprocessing, classes, post-processing
     decision and review rule (its run folder is the parent's)."""
@@ -168,11 +243,13 @@ def adapted_member(parent: Parent, weights: dict, name: str = "adapted") -> Memb
 @dataclass
 class Scan:
     """A labelled case preprocessed once with the parent's preprocessing, with its labels on its
-    own grid: evaluated by many models (the parent, every milestone) without reading it again."""
+    own grid and, once computed, the parent's probabilities on it: evaluated by many models (the
+    parent, every milestone) without reading it or running the parent again."""
     case: Case
     item: dict
     source: object
     target: np.ndarray
+    parent_probabilities: torch.Tensor | None = None
 
 
 def prepared(parent: Parent, cases: Sequence[Case]) -> list[Scan]:
@@ -180,16 +257,24 @@ def prepared(parent: Parent, cases: Sequence[Case]) -> list[Scan]:
     return [Scan(case, *segmenter.prepare(case.image), load_source(case.label)[0].astype(np.int64)) for case in cases]
 
 
-def evaluate_cases(member: Member, scans: Sequence[Scan], device: torch.device, hd95: bool = True) -> list[dict]:
+def evaluate_cases(member: Member, scans: Sequence[Scan], device: torch.device, hd95: bool = True,
+                   parent: Member | None = None, organs: dict | None = None, thresholds: dict | None = None) -> list[dict]:
     """Each scan through ``Segmenter.evaluate_prepared``, as predict.py evaluates a case: per-class
-    Dice (and HD95) on the case's own grid with the parent run's post-processing."""
-    segmenter = Segmenter([member], device)
+    Dice (and HD95) on the case's own grid with the parent run's post-processing. With ``parent``
+    the model is guarded by it as predict.py guards an adapted model (``organs``, ``thresholds``:
+    ``guard.combine``'s; none: nothing falls back, the agreement is measured); the records then
+    carry each organ's ``agreement`` with the parent and the guard's ``fallbacks``."""
+    segmenter = Segmenter([member], device, guard=False, parent=parent, organs=organs, thresholds=thresholds)
     records = []
     for scan in scans:
-        result = segmenter.evaluate_prepared(scan.item, scan.source, scan.target, hd95=hd95)
+        if parent is not None and scan.parent_probabilities is None:
+            scan.parent_probabilities = segmenter.parent_probabilities(scan.item)
+        result = segmenter.evaluate_prepared(scan.item, scan.source, scan.target, hd95=hd95,
+                                             parent_probabilities=scan.parent_probabilities)
         records.append({"case": scan.case.case_id, "patient": scan.case.patient, "week": scan.case.week,
                         "dice": [float(d) for d in result["dice"]],
-                        "hd95": [float(h) for h in result["hd95"]] if hd95 else None})
+                        "hd95": [float(h) for h in result["hd95"]] if hd95 else None,
+                        "agreement": result["agreement"], "fallbacks": result["fallbacks"]})
     return records
 
 
@@ -214,60 +299,167 @@ def patients_with_weeks(cases: Sequence[Case], patients: Sequence[str]) -> dict[
     return {p: weeks for p, weeks in grouped.items() if len(weeks) >= 2}
 
 
+def replay_cases(cases: Sequence[Case], patients: Sequence[str], count: int, seed: int = 0) -> list[Case]:
+    """``count`` labelled scans of ``patients`` (the parent's training patients), one per patient,
+    drawn with ``seed``: the parent's data replayed among the patient's crops."""
+    if count <= 0:
+        return []
+    first: dict[str, Case] = {}
+    for case in sorted((c for c in cases if c.patient in patients and c.label is not None),
+                       key=lambda c: (c.patient, c.week)):
+        first.setdefault(case.patient, case)
+    pool = sorted(first)
+    if not pool:
+        raise ValueError("replay: none of the parent's training patients has a labelled scan here")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
+    return [first[pool[i]] for i in sorted(chosen)]
+
+
+def describe(setting: dict) -> str:
+    extra = [f"{k} {setting[k]}" for k in ("trainable", "l2sp", "replay")
+             if k in setting and setting[k] != DEFAULT_SETTINGS[k]]
+    return ", ".join([f"lr {setting['lr']:g}", f"augment {setting['augment']}"] + extra)
+
+
 def run_protocol(parent: Parent, patients: dict[str, list[Case]], grid: Sequence[dict], milestones: Sequence[int],
                  device: torch.device, seed: int = 0, hd95: bool = False,
-                 report: Callable[[str], None] = print) -> dict:
-    """Adapt on each patient's first week and score the later weeks, for every (lr, augment) in
-    ``grid`` at every step count in ``milestones`` (0: the parent itself, scored once per
-    patient). Returns the records (one per later week and setting) and the training seconds of
-    each adaptation to ``max(milestones)`` steps."""
+                 report: Callable[[str], None] = print, replay: Sequence[Case] = (),
+                 organs: dict | None = None, thresholds: dict | None = None) -> dict:
+    """Adapt on each patient's first week and score the later weeks, for every setting in ``grid``
+    (lr, augment, and optionally trainable, l2sp, replay) at every step count in ``milestones``
+    (0: the parent itself, scored once per patient). Every adapted model is evaluated guarded by
+    the parent with ``organs`` and ``thresholds`` (None: nothing falls back; its records then give
+    the agreement the guard is fitted on). ``replay``: the parent's training scans, the first
+    ``setting["replay"]`` of which join the crops. Returns the records (one per later week and
+    setting) and the training seconds of each adaptation to ``max(milestones)`` steps."""
     records, seconds = [], []
     most = max(milestones)
     for patient, weeks in patients.items():
         reference, later = weeks[0], prepared(parent, weeks[1:])
         parent_records = evaluate_cases(parent.member, later, device, hd95)
-        records += [{**r, "steps": 0, "lr": None, "augment": None} for r in parent_records]
-        data = {augment: reference_data(parent, [reference], augment) for augment in {g["augment"] for g in grid}}
+        records += [{**r, "steps": 0, **{k: None for k in grid[0]}} for r in parent_records]
+        data = {}
         for setting in grid:
+            key = (setting["augment"], setting.get("replay", 0))
+            if key not in data:
+                data[key] = reference_data(parent, [reference], setting["augment"])
+                if key[1]:
+                    data[key] = ConcatDataset([data[key], reference_data(parent, list(replay)[:key[1]],
+                                                                         setting["augment"])])
+
             def scored(step: int, weights: dict, setting=setting) -> None:
                 member = adapted_member(parent, weights)
-                records.extend({**r, "steps": step, **setting} for r in evaluate_cases(member, later, device, hd95))
+                records.extend({**r, "steps": step, **setting}
+                               for r in evaluate_cases(member, later, device, hd95, parent.member, organs, thresholds))
             _, taken = fine_tune(parent, [reference], {**setting, "steps": most}, device, seed, milestones, scored,
-                                 data[setting["augment"]])
+                                 data[key])
             seconds.append(taken)
-            mine = [r for r in records if r["patient"] == patient and r["lr"] == setting["lr"]
-                    and r["augment"] == setting["augment"]]
+            mine = [r for r in records if r["patient"] == patient and r["steps"] > 0
+                    and all(r.get(k) == v for k, v in setting.items())]
             after = ", ".join(f"{mean_foreground([r for r in mine if r['steps'] == s]):.3f} after {s}"
                               for s in milestones if s > 0)
-            report(f"  patient {patient}: adapted on week {reference.week} (lr {setting['lr']:g}, augment "
-                   f"{setting['augment']}), {most} steps in {taken:.1f} s; later weeks' mean foreground Dice "
-                   f"{mean_foreground(parent_records):.3f} (parent), {after}")
+            report(f"  patient {patient}: adapted on week {reference.week} ({describe(setting)}), {most} steps in "
+                   f"{taken:.1f} s; later weeks' mean foreground Dice {mean_foreground(parent_records):.3f} (parent), "
+                   f"{after}")
     return {"records": records, "seconds": seconds}
 
 
+SETTING_KEYS = ("lr", "augment", "trainable", "l2sp", "replay")
+
+
 def setting_key(record: dict) -> tuple:
-    return (record["steps"], record["lr"], record["augment"])
+    return (record["steps"],) + tuple(record.get(k) for k in SETTING_KEYS)
 
 
 def table_of(records: Sequence[dict], num_classes: int) -> list[dict]:
     """Per setting: mean foreground Dice over all scored weeks, and per-class means."""
     rows = []
-    for key in sorted({setting_key(r) for r in records}, key=lambda k: (k[0], k[1] or 0, str(k[2]))):
+    for key in sorted({setting_key(r) for r in records},
+                      key=lambda k: (k[0],) + tuple("" if v is None else str(v) for v in k[1:])):
         chosen = [r for r in records if setting_key(r) == key]
-        rows.append({"steps": key[0], "lr": key[1], "augment": key[2], "weeks": len(chosen),
+        rows.append({"steps": key[0], **dict(zip(SETTING_KEYS, key[1:])), "weeks": len(chosen),
                      "mean_fg_dice": mean_foreground(chosen), "dice": per_class_means(chosen, "dice", num_classes)})
     return rows
 
 
-def choose_from(table: Sequence[dict]) -> dict:
-    """The best mean foreground Dice; among equals (to 1e-4) the fewest steps, then the lowest rate."""
-    best = max(row["mean_fg_dice"] for row in table if math.isfinite(row["mean_fg_dice"]))
-    near = [row for row in table if row["mean_fg_dice"] >= best - 1e-4]
-    row = min(near, key=lambda r: (r["steps"], r["lr"] or 0))
+def gains(row: dict, parent_row: dict) -> np.ndarray:
+    """Per organ: the row's mean Dice minus the parent's (NaN where either is NaN)."""
+    return np.asarray(row["dice"], dtype=float)[1:] - np.asarray(parent_row["dice"], dtype=float)[1:]
+
+
+def choose_from(table: Sequence[dict], class_names: Sequence[str], max_loss: float = MAX_ORGAN_LOSS) -> dict:
+    """The constrained choice on the later weeks' per-organ mean Dice (``table_of``'s rows; the
+    row of 0 steps is the parent).
+
+    1. An organ that loses more than ``max_loss`` in every adapted setting keeps the parent's
+       prediction ("parent"); it counts as a gain of 0 below.
+    2. Among the settings where no other organ loses more than ``max_loss``, the best mean gain over
+       the organs wins (the parent itself, gain 0, always qualifies); among equals (to 1e-4) the
+       fewest steps, then the lowest rate. Organs are "adapted" unless kept by step 1.
+
+    Returns ``{"steps", "lr", "augment", ..., "organs": {name: "adapted" | "parent"},
+    "gain": {name: gain}, "mean_gain"}``; a winner of 0 steps has every organ "parent"."""
+    organs = list(class_names[1:])
+    parent_row = next(row for row in table if row["steps"] == 0)
+    adapted_rows = [row for row in table if row["steps"] > 0]
+    losses = {row_index: gains(row, parent_row) for row_index, row in enumerate(adapted_rows)}
+    kept = [name for o, name in enumerate(organs)
+            if adapted_rows and all(not (g[o] >= -max_loss) for g in losses.values())]  # NaN counts as a loss
+    if not adapted_rows:
+        kept = organs
+    free = [o for o, name in enumerate(organs) if name not in kept]
+    candidates = [(0.0, parent_row, np.zeros(len(organs)))]
+    for index, row in enumerate(adapted_rows):
+        gain = losses[index].copy()
+        gain[[o for o, name in enumerate(organs) if name in kept]] = 0.0
+        if all(gain[o] >= -max_loss for o in free) and np.all(np.isfinite(gain)):
+            candidates.append((float(np.mean(gain)), row, gain))
+    best = max(c[0] for c in candidates)
+    mean_gain, row, gain = min((c for c in candidates if c[0] >= best - 1e-4),
+                               key=lambda c: (c[1]["steps"], c[1]["lr"] or 0))
     if row["steps"] == 0:
-        return {"steps": 0, "lr": DEFAULT_SETTINGS["lr"], "augment": DEFAULT_SETTINGS["augment"]}
-    return {"steps": row["steps"], "lr": row["lr"], "augment": row["augment"]}
+        chosen = {**DEFAULT_SETTINGS, "steps": 0}
+        decision = {name: "parent" for name in organs}
+    else:
+        chosen = {"steps": row["steps"], **{k: row[k] for k in SETTING_KEYS}}
+        decision = {name: "parent" if name in kept else "adapted" for name in organs}
+    return {**chosen, "organs": decision, "gain": dict(zip(organs, (float(g) for g in gain))),
+            "mean_gain": mean_gain}
 
 
-def grid_of(lrs: Sequence[float], augments: Sequence[bool]) -> list[dict]:
-    return [{"lr": float(lr), "augment": bool(augment)} for lr in lrs for augment in augments]
+def guard_thresholds(records: Sequence[dict], chosen: dict, class_names: Sequence[str]) -> dict:
+    """The guard fitted on the chosen setting's later weeks (their agreement with the parent)."""
+    mine = [r for r in records if r["steps"] == chosen["steps"] and r["steps"] > 0
+            and all(r.get(k) == chosen.get(k) for k in SETTING_KEYS)]
+    if not mine:
+        return {name: {**DEFAULT_GUARD} for name in class_names[1:]}
+    return fit_thresholds([r["agreement"] for r in mine], class_names)
+
+
+def grid_of(lrs: Sequence[float], augments: Sequence[bool], trainables: Sequence[str] = ("all",),
+            l2sps: Sequence[float] = (0.0,), replays: Sequence[int] = (0,)) -> list[dict]:
+    return [{"lr": float(lr), "augment": bool(augment), "trainable": trainable, "l2sp": float(l2sp),
+             "replay": int(replay)}
+            for lr in lrs for augment in augments for trainable in trainables for l2sp in l2sps for replay in replays]
+
+
+def per_week_table(records: Sequence[dict], class_names: Sequence[str], steps: int) -> dict:
+    """Per organ and per later week (the scan's week number): parent and
+    delivered mean Dice over the patients, the change, and each organ's worst week."""
+    table = {}
+    weeks = sorted({r["week"] for r in records})
+    for c, name in enumerate(class_names):
+        if c == 0:
+            continue
+        rows = {}
+        for week in weeks:
+            before = [r["dice"][c] for r in records if r["steps"] == 0 and r["week"] == week]
+            after = [r["dice"][c] for r in records if r["steps"] == steps and r["week"] == week]
+            parent_mean, adapted_mean = nan_mean(np.array(before, float)), nan_mean(np.array(after, float))
+            rows[str(week)] = {"parent": parent_mean, "adapted": adapted_mean, "change": adapted_mean - parent_mean}
+        finite = {w: v for w, v in rows.items() if math.isfinite(v["change"])}
+        worst = min(finite, key=lambda w: finite[w]["change"]) if finite else None
+        table[name] = {"weeks": rows, "worst_week": None if worst is None else int(worst),
+                       "worst_change": None if worst is None else finite[worst]["change"]}
+    return table

@@ -139,6 +139,7 @@ class Member:
     run_dir: Path
     split: dict | None
     modality: str = "MR"  # what it was trained on; checkpoints from before train.py stored it were MR
+    adaptation: dict | None = None  # an adapted model's record (adapt.py): its parent, per-organ decision, guard
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -159,7 +160,7 @@ def load_members(paths: Sequence[str | Path]) -> list[Member]:
         if "spacing" not in config:
             raise CheckpointError(f"{path}: holds no preprocessing spacing (written by an older version); retrain")
         members.append(Member(str(path), state["model_args"], state["model"], config, path.parent,
-                              state.get("split"), str(state.get("modality") or "MR")))
+                              state.get("split"), str(state.get("modality") or "MR"), state.get("adaptation")))
     reference = members[0]
     for member in members[1:]:
         if member.config["class_names"] != reference.config["class_names"]:

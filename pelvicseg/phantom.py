@@ -86,13 +86,18 @@ def sample_patient(rng):
     return anatomy
 
 
-def sample_week(rng):
-    """What changes between weekly scans of one patient."""
+BLADDER_FILLING = (0.8, 1.25)  # this week's volume over the patient's usual one
+RECTUM_FILLING = (0.8, 1.3)
+
+
+def sample_week(rng, bladder_filling=BLADDER_FILLING, rectum_filling=RECTUM_FILLING):
+    """What changes between weekly scans of one patient. The fillings are drawn uniformly from
+    their ranges (the same draw whatever the range, so other weeks' values do not move)."""
     return {
         "setup_shift": rng.normal(0, 2, size=3),
         "prostate_shift": rng.normal(0, 1.5, size=3),
-        "bladder_filling": rng.uniform(0.8, 1.25),
-        "rectum_filling": rng.uniform(0.8, 1.3),
+        "bladder_filling": rng.uniform(*bladder_filling),
+        "rectum_filling": rng.uniform(*rectum_filling),
         "rectal_gas": rng.uniform(0, 0.6) * (rng.random() < 0.6),  # share of the lumen's depth; often none
         "bowel_loops": rng.uniform(size=(14, 7)),
         "intensity_scale": np.exp(rng.uniform(np.log(400), np.log(1600))),
@@ -385,15 +390,18 @@ def render_image(tissue, axes, anatomy, week, rng):
     return np.rint(image, out=image)
 
 
-def make_case(patient_id: int, week: int, shape=BASE_SHAPE, seed: int = 0):
+def make_case(patient_id: int, week: int, shape=BASE_SHAPE, seed: int = 0, bladder_filling=BLADDER_FILLING,
+              rectum_filling=RECTUM_FILLING):
     """One scan: (image float32 of `shape`, label uint8 of `shape`, 4x4 LPS affine float64).
 
-    Deterministic in (patient_id, week, shape, seed); the anatomy depends on (seed, patient_id) only.
+    Deterministic in (patient_id, week, shape, seed, filling ranges); the anatomy depends on
+    (seed, patient_id) only. ``bladder_filling`` and ``rectum_filling`` are (low, high) ranges of
+    this week's filling (a range of one value sets it).
     """
     shape = tuple(int(n) for n in shape)
     anatomy = sample_patient(np.random.default_rng([seed, patient_id]))
     week_rng = np.random.default_rng([seed, patient_id, week])
-    scan = sample_week(week_rng)
+    scan = sample_week(week_rng, bladder_filling, rectum_filling)
     spacing = np.array(BASE_SPACING) * np.array(BASE_SHAPE) / np.array(shape)
     spacing *= [anatomy["inplane_spacing"], anatomy["inplane_spacing"], anatomy["slice_spacing"]]
     # patient coordinates in mm: x to the patient's left, y posterior, z superior; origin near the FOV centre
@@ -440,9 +448,11 @@ def save_nifti(array, affine, path, units=None):
     write_bytes(path, gzip.compress(nifti.to_bytes(), compresslevel=1, mtime=0))
 
 
-def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first_patient_id=4, fov=(1.0, 1.0, 1.0)):
+def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first_patient_id=4, fov=(1.0, 1.0, 1.0),
+                  bladder_filling=BLADDER_FILLING, rectum_filling=RECTUM_FILLING):
     """Write a HipMRI-style release into out_dir; returns the (image, label) path pairs. ``fov``
-    keeps a central fraction of the field of view (``crop_field_of_view``)."""
+    keeps a central fraction of the field of view (``crop_field_of_view``); the filling ranges
+    are ``make_case``'s (wider ones: larger week-to-week changes)."""
     image_dir, label_dir = Path(out_dir) / "semantic_MRs_anon", Path(out_dir) / "semantic_labels_anon"
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
@@ -450,7 +460,7 @@ def write_phantom(out_dir, patients=10, weeks=3, shape=BASE_SHAPE, seed=0, first
     cases = [(patient_id, week) for patient_id in range(first_patient_id, first_patient_id + patients)
              for week in range(weeks)]
     for patient_id, week in progress(cases, "phantom"):
-        image, label, affine = make_case(patient_id, week, shape, seed)
+        image, label, affine = make_case(patient_id, week, shape, seed, bladder_filling, rectum_filling)
         if tuple(fov) != (1.0, 1.0, 1.0):
             image, label, affine = crop_field_of_view(image, label, affine, fov)
         image_path = image_dir / f"Case_{patient_id:03d}_Week{week}_LFOV.nii.gz"

@@ -89,7 +89,8 @@ table.weeks td.flagged span.change { color: #222; }
 def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | None, class_names: Sequence[str],
                  title: str = "Prediction report", run_figures: Sequence[str | Path] = (),
                  skipped: Sequence[dict] = (), warnings: Sequence[str] = (),
-                 longitudinal: dict | None = None, review_rule: dict | None = None) -> Path:
+                 longitudinal: dict | None = None, review_rule: dict | None = None,
+                 adaptation: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
     ``cases``: one dict per predicted case::
@@ -124,6 +125,8 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
     patient gets a section with its figure and a table of its weeks. ``review_rule``: summary.json's
     ``review_rule`` (None where no rule applies); its ``held_out`` rate is shown beside the flag
     count, so a reader can tell a rule that is always on from cases less certain than validation's.
+    ``adaptation``: for an adapted model, ``Segmenter.adaptation`` (its parent and, per organ,
+    "adapted" or "parent"); the page says which organs come from the adapted model.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +143,8 @@ def write_report(out_dir: str | Path, cases: Sequence[dict], summary: dict | Non
              f"<h1>{_text(title)}</h1>"]
     parts += [f'<p class="warning"><strong>Warning:</strong> {_text(line)}</p>' for line in warnings]
     parts += _overview(out_dir, ordered, summary, has_labels, anchors, review_rule)
+    if adaptation:
+        parts += _adaptation_note(adaptation)
     parts += _patients_line(longitudinal)
     parts += _class_table(ordered, summary, foreground, colours, has_labels)
     if run_figures:
@@ -182,6 +187,18 @@ def sort_cases(cases: Sequence[dict], foreground: Sequence[str], has_labels: boo
 
 
 # ----------------------------------------------------------------------------- page sections
+
+def _adaptation_note(adaptation: dict) -> list[str]:
+    organs = adaptation.get("organs") or {}
+    adapted = [name for name, source in organs.items() if source == "adapted"]
+    kept = [name for name, source in organs.items() if source != "adapted"]
+    guard = (" An adapted organ that disagrees grossly with the parent's on a scan is replaced by the parent's, and "
+             "the case is flagged." if adaptation.get("guard") else "")
+    return [f'<p class="adaptation" data-adapted="{_text(",".join(adapted))}" data-parent="{_text(",".join(kept))}">'
+            f'Patient-adapted model. Organs from the adapted model: <strong>{_text(", ".join(adapted) or "none")}'
+            f'</strong>; from its parent (<span class="mono">{_text(adaptation.get("parent", ""))}</span>): '
+            f'<strong>{_text(", ".join(kept) or "none")}</strong>.{guard}</p>']
+
 
 def _overview(out_dir: Path, cases, summary, has_labels, anchors, review_rule) -> list[str]:
     flagged = [case for case in cases if case.get("flags")]
@@ -436,7 +453,9 @@ def _is_miss(case: dict, name: str) -> bool:
 def _flag_text(flags: Sequence[dict]) -> str:
     parts = []
     for flag in flags:
-        if flag.get("score") is None:
+        if flag.get("reason") not in (None, "uncertain", "not predicted"):
+            parts.append(f"{_text(flag['organ'])}: {_text(flag['reason'])}")
+        elif flag.get("score") is None:
             parts.append(f"{_text(flag['organ'])} not predicted")
         else:
             parts.append(f"{_text(flag['organ'])} {flag['score']:.3f} &gt; {flag['threshold']:.3f}")
