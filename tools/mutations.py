@@ -72,11 +72,14 @@ MUTATIONS = (
              ("tests/test_dicom.py::test_rtstruct_keeps_holes_islands_and_one_pixel_regions_on_an_oblique_grid",),
              "RTSTRUCT contour points written in NIfTI's RAS instead of DICOM's LPS"),
     Mutation("checkpoint_in_place", "pelvicseg/checkpoint.py",
-             "        torch.save({\"format_version\": FORMAT_VERSION, **state}, temporary)\n"
-             "        os.replace(temporary, path)\n",
-             "        torch.save({\"format_version\": FORMAT_VERSION, **state}, path)\n",
+             "    with atomic_open(path, \"wb\") as handle:\n",
+             "    with open(path, \"wb\") as handle:\n",
              ("tests/test_reliability.py::test_failed_save_keeps_the_previous_checkpoint",),
              "the checkpoint written in place instead of to a temporary file renamed over it"),
+    Mutation("adaptation_scored_with_the_parent", "pelvicseg/adaptation.py",
+             "member = adapted_member(parent, weights)", "member = parent.member",
+             ("tests/test_adapt.py::test_choose_on_validation_then_adapt_uses_it_and_evaluate_compares_with_the_parent",),
+             "--choose-on-validation scores every step count with the parent's weights"),
 )
 
 
