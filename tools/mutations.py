@@ -49,7 +49,7 @@ MUTATIONS = (
              ("tests/test_dicom.py::test_predicts_rtstruct_and_seg_read_back_by_geometry_alone_as_its_labels",),
              "predict.py writes the DICOM-SEG from labels flipped along the rows"),
     Mutation("never_flagged", "predict.py",
-             "flags = flag_case(scores, rule, class_names) if rule else []", "flags = []",
+             "flags = (flag_case(scores, rule, class_names) if rule else [])", "flags = ([])",
              ("tests/test_uncertainty.py::"
               "test_predict_flags_every_organ_scoring_above_thresholds_refitted_on_lower_scores",),
              "predict.py never flags a case for review"),
