@@ -1,19 +1,6 @@
-"""Synthetic pelvic T2 MRI phantom laid out like the HipMRI 3D release: the generator behind
-phantom.py.
-
-The real data cannot be shipped, so this script writes look-alike cases: LPS volumes of
-256 x 256 x 128 voxels (about 1.68 x 1.68 x 1.56 mm) with six label classes whose voxel shares
-match HipMRI's within a factor of two. Anatomy is placed in millimetres around the centre of
-the field of view, so any array shape shows the same body at a coarser or finer spacing.
-
-Each patient has its own anatomy (habitus, bone size, organ size and position); weeks of one
-patient share it and differ only in bladder and rectum filling, small organ shifts, patient
-set-up and scanner effects, as in repeated radiotherapy scans.
-
-    python phantom.py --out data/phantom --patients 10 --weeks 3
-    python phantom.py --preview docs/phantom.png
-    python phantom.py --dicom --out data/phantom_dicom --patients 1 --weeks 1
-"""
+"""The phantom's generator: HipMRI-layout look-alike cases (LPS volumes, six label classes, anatomy
+placed in millimetres so any array shape shows the same body), their NIfTI and DICOM writers and
+the preview. ``phantom.py`` at the root is its command line and says what the phantom holds."""
 import gzip
 from enum import IntEnum
 from pathlib import Path
