@@ -70,6 +70,7 @@ from pelvicseg.atomic import write_text
 from pelvicseg.inference import cpu_has_native_bf16
 from pelvicseg.training import Trainer
 from pelvicseg.phantom import make_case
+from tools.bench import TARGETS as BENCH_TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -93,12 +94,10 @@ MIN_STEP_SECONDS = 10  # less than this left: the step is not started
 STOP_GRACE_S = 15  # a stopped train.py finishes its current step and saves; then it is killed
 
 # The targets, set for one H100-class GPU at the default settings.
+BENCHMARK_TARGETS = ("train_step_ms", "train_peak_gib", "speedup_vs_eager", "loader_step_ratio",
+                     "inference_s_per_volume")
 TARGETS = {
-    "train_step_ms": 60.0,
-    "train_peak_gib": 8.0,
-    "speedup_vs_eager": 3.5,
-    "loader_step_ratio": 1.10,
-    "inference_s_per_volume": 0.3,
+    **{name: BENCH_TARGETS[name] for name in BENCHMARK_TARGETS},  # bench.py's own, judged here on a GPU
     "dice": 0.9,
     "seconds_to_dice": 180.0,
     "compile_s": 40.0,
