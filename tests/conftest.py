@@ -167,6 +167,19 @@ def course_root(tmp_path) -> Path:
     return write_dataset(tmp_path / "course", layout="course")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One CPU thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on a machine whose cores are busy, two OpenMP threads spinning at their barriers run these tiny
+    networks 10-50x slower than one thread."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def training_root(tmp_path_factory) -> Path:
     """5 patients x 2 weeks (split 3:1:1 by patient), shared by the slow training tests."""

@@ -49,12 +49,7 @@ REQUIRED_METADATA = ["schema", "version", "monai_version", "pytorch_version", "n
 REQUIRED_TENSOR = ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one CPU thread for tiny networks
 
 
 def outside_env() -> dict:

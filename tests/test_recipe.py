@@ -39,12 +39,7 @@ CLOCK_COLUMNS = {"seconds", "train_seconds", "val_seconds", "elapsed_seconds"}
 VALIDATION_COLUMNS = ("val_loss", "dice_body", "mean_fg_dice", "val_seconds")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one CPU thread for tiny networks
 
 
 @pytest.fixture(scope="module")

@@ -46,14 +46,7 @@ TINY = ["--spatial-size", "16", "16", "16", "--channels", "4", "8", "8", "8", "-
 FP32 = [*TINY, "--no-amp"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: on a machine whose cores are busy, two OpenMP threads spinning at their
-    barriers run these tiny networks 10-50x slower than one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one CPU thread for tiny networks
 
 
 # ----------------------------------------------------------------------------- helpers
