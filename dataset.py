@@ -29,7 +29,7 @@ from monai.data import CacheDataset, MetaTensor, NibabelReader, image_reader
 from monai.utils import ensure_tuple
 
 from pelvicseg.atomic import write_text
-from pelvicseg.errors import DataError, unwrap_data_error  # noqa: F401 - unwrap_data_error for older callers
+from pelvicseg.errors import DataError
 
 log = logging.getLogger("hipmri")
 

@@ -42,8 +42,8 @@ from dataset import (CLASS_NAMES, DeviceAugmentation, augmentation, cached_datas
                      choose_spacing, class_voxel_counts, class_weights_from_counts, find_cases, load_or_make_split,
                      read_nifti_header)
 from pelvicseg.evaluation import evaluate_volume, with_postprocessing
-from pelvicseg.inference import (PREDICTION_OVERLAP, autocast_dtype, decide_postprocessing, load_source, out_of_memory_message,
-                       predict_probabilities, resolve_device)
+from pelvicseg.inference import (PREDICTION_OVERLAP, autocast_dtype, decide_postprocessing, load_source,
+                                 out_of_memory_message, predict_probabilities)
 from pelvicseg.lock import lock_on_main_rank
 from pelvicseg.metrics import (dice_from_counts, dice_per_class, json_ready, nan_mean, overlap_counts,
                                write_rows)

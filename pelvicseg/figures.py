@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from pelvicseg.atomic import atomic_path  # noqa: E402
-from pelvicseg.palette import CLASS_COLOURS, class_colours  # noqa: E402, F401 - the palette, re-exported
+from pelvicseg.palette import class_colours  # noqa: E402
 
 
 def overlay_cmap(num_classes: int) -> ListedColormap:

@@ -17,7 +17,6 @@ from monai.data import DataLoader
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.losses import DiceCELoss, DiceLoss
 
-from pelvicseg.errors import TrainingDiverged
 
 # nnU-Net clips the gradient norm at 12: a rare spike (a crop of an organ edge at a high learning
 # rate) then moves the weights no further than an ordinary step instead of throwing them off.

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from pelvicseg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from dataset import DataError, LoadValidated, cached_dataset, find_cases, preprocessing, split_patients, unwrap_data_error
+from dataset import DataError, LoadValidated, cached_dataset, find_cases, preprocessing, split_patients
+from pelvicseg.errors import unwrap_data_error
 from modules import ImprovedUNet3D
 
 REPO = Path(__file__).resolve().parents[1]
@@ -364,7 +365,8 @@ from pathlib import Path
 import numpy as np, nibabel as nib, torch
 repo, out, count, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 sys.path.insert(0, repo)
-from dataset import preprocessing, unwrap_data_error
+from dataset import preprocessing
+from pelvicseg.errors import unwrap_data_error
 
 rng = np.random.default_rng(seed)
 shape, affine = (24, 20, 16), np.diag([-1.7, -1.7, 1.56, 1.0])
