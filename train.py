@@ -50,8 +50,9 @@ from pelvicseg.metrics import (dice_from_counts, dice_per_class, json_ready, nan
 from modules import ImprovedUNet3D, count_parameters
 from pelvicseg.progress import progress as report_progress
 from pelvicseg.errors import DataError, TrainingDiverged
-from pelvicseg.training import (EpochSampler, Trainer, compute_loss, divergence_message, epoch_seed, learning_rate,
-                                make_loss, parameters_finite, seed_random_generators, training_loader)
+from pelvicseg.training import (SCHEDULES, EpochSampler, Trainer, compute_loss, divergence_message, epoch_seed,
+                                learning_rate, make_loss, make_optimizer, parameters_finite, seed_random_generators,
+                                training_loader)
 from pelvicseg.uncertainty import describe_held_out, fit_from_volumes, review_settings
 
 DEFAULT_PHANTOM = Path("data/phantom")
@@ -82,13 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics.csv leaves the validation columns of the other epochs empty")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="volumes per step and process; above 1 needs --patch-size (volumes differ in size)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="adam: Adam with a cosine decay; sgd: nnU-Net's recipe, SGD with Nesterov momentum "
+                        "0.99 and a poly decay (exponent 0.9; try --lr 1e-2)")
     parser.add_argument("--lr", type=float, default=1e-3,
-                        help="peak learning rate: reached after --warmup-steps, then cosine-decayed per step to "
-                        "1/100 at the run's last step")
+                        help="peak learning rate: reached after --warmup-steps, then decayed per step (Adam: "
+                        "cosine to 1/100, SGD: poly to 0) at the run's last step")
     parser.add_argument("--warmup-steps", type=int,
                         help="optimiser steps of linear learning-rate warm-up from 1/100 of --lr (default: 50 on "
                         "CUDA, 0 on a CPU)")
-    parser.add_argument("--weight-decay", type=float, default=1e-5, help="Adam L2 weight decay")
+    parser.add_argument("--weight-decay", type=float, default=1e-5, help="L2 weight decay of the optimiser")
     parser.add_argument("--loss", choices=("ce", "dice", "combined"), default="combined",
                         help="class-weighted cross-entropy, Dice, or both summed (MONAI DiceCELoss)")
     parser.add_argument("--class-weighting", choices=("ce-dice", "ce", "none"), default="ce-dice",
@@ -458,7 +462,7 @@ def setup_model(args: argparse.Namespace, context: Context, data: Data, resume_s
     model = ImprovedUNet3D(**model_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
     amp_dtype = autocast_dtype(device, enabled=not args.no_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if resume_state is not None:
@@ -626,7 +630,8 @@ def run_epochs(args, context: Context, data: Data, model: Model, progress: Progr
                                        if args.steps_per_epoch else None)
             loader = training_loader(data.train_data, args.batch_size, args.workers, seed, sampler,
                                      pin_memory=context.device.type == "cuda")
-            schedule = lambda step: learning_rate(step, total_steps, args.lr, args.warmup_steps)  # noqa: E731
+            schedule = lambda step: learning_rate(step, total_steps, args.lr, args.warmup_steps,  # noqa: E731
+                                                  SCHEDULES[args.optimizer])
             try:
                 outcome = train_one_epoch(args, context, model, loader, stop, num_classes, device_augmentation,
                                           torch.Generator(context.device).manual_seed(seed), schedule,

@@ -105,6 +105,30 @@ def test_learning_rate_warms_up_then_decays_to_a_hundredth_at_the_last_step():
     assert got[warmup] == pytest.approx(base) and got[-1] == pytest.approx(minimum)
 
 
+def test_poly_decay_is_nnunets_to_the_run_end_after_the_warm_up():
+    base, warmup, total = 1e-2, 3, 13
+    minimum = base / 100
+    expected = [minimum + (base - minimum) * s / warmup for s in range(warmup)]
+    expected += [base * (1 - (s - warmup) / (total - warmup)) ** 0.9 for s in range(warmup, total)]
+    got = [training.learning_rate(s, total, base, warmup, "poly") for s in range(total)]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[warmup] == pytest.approx(base) and got[-1] == pytest.approx(base * 0.1**0.9)  # 1 step of 10 left
+
+
+def test_optimizer_sgd_trains_with_nesterov_momentum_and_the_poly_rate(training_root, tmp_path, capsys):
+    run_dir = tmp_path / "sgd"
+    trained(capsys, training_root, run_dir, *FP32, "--optimizer", "sgd", "--lr", 1e-2, "--epochs", 2,
+            "--steps-per-epoch", 3, "--val-every", 2)
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    group = state["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.99 and group["nesterov"] is True
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    # the rate of each epoch's last step (2 and 5 of 6), nnU-Net's poly without warm-up
+    rates = [float(r["lr"]) for r in metrics_rows(run_dir)]
+    assert rates == pytest.approx([1e-2 * (1 - 2 / 6) ** 0.9, 1e-2 * (1 - 5 / 6) ** 0.9], rel=1e-5)
+    assert state["config"]["optimizer"] == "sgd"
+
+
 def test_validation_runs_on_the_cadence_and_after_the_last_epoch(training_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     stdout = trained(capsys, training_root, run_dir, *FP32, "--epochs", 5, "--steps-per-epoch", 1,
