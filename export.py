@@ -671,9 +671,21 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def refuse_adapted(members: Sequence[Member], states: Sequence[dict]) -> None:
+    """An adapted model is only ever delivered with its parent beside it (the per-organ decision and
+    the guard of pelvicseg/guard.py, run by predict.py); a bundle would carry the adapted weights
+    alone, so an organ the adaptation lost would reach the user unchecked."""
+    for member, state in zip(members, states):
+        if state.get("adaptation"):
+            raise CheckpointError(f"{member.path}: an adapted model, delivered only with its parent guarding each "
+                                  f"organ (predict.py); a bundle cannot carry that guard: export the parent "
+                                  f"({state['adaptation'].get('parent')}) instead")
+
+
 def main(args: argparse.Namespace) -> Path:
     members = load_members(args.checkpoint)
     states = [load_checkpoint(m.path) for m in members]
+    refuse_adapted(members, states)
     config = members[0].config
     class_names, spacing, roi_size = list(config["class_names"]), config["spacing"], config.get("roi_size")
     if not roi_size:

@@ -89,6 +89,17 @@ def test_adapted_checkpoint_records_parent_and_reference_and_keeps_spacing_and_c
         assert (adapted["out"] / name).is_file(), name
 
 
+def test_export_refuses_an_adapted_model_whose_guard_a_bundle_cannot_carry(parent, adapted, tmp_path, capsys):
+    import export
+
+    capsys.readouterr()
+    code = run_cli(export.main, export.get_args(["--checkpoint", str(adapted["out"]), "--out", str(tmp_path / "b")]))
+    line = one_line_error(code, capsys.readouterr().err)
+    assert str(adapted["out"] / "best.pt") in line and "export the parent" in line, line
+    assert str(parent["run"] / "best.pt") in line or str((parent["run"] / "best.pt").resolve()) in line, line
+    assert not (tmp_path / "b").exists()
+
+
 def numpy_dice(predicted: np.ndarray, truth: np.ndarray, num_classes: int = 6) -> np.ndarray:
     """Per-class Dice computed here, NaN where a class is absent from both."""
     dice = np.full(num_classes, np.nan)
