@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from pelvicseg.atomic import write_bytes, write_json
-from pelvicseg.adaptation import (DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS, MAX_ORGAN_LOSS, SETTINGS_FILE,
-                                  TRAINABLE, Parent, adapted_member, choose_from, decision_for, describe,
-                                  evaluate_cases, fine_tune, grid_of, guard_thresholds, load_parent, mean_foreground,
-                                  patients_with_weeks, per_class_means, per_week_table, prepared, replay_cases,
+from pelvicseg.adaptation import (AUGMENT_NAMES, AUGMENT_VALUES, DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS,
+                                  MAX_ORGAN_LOSS, SETTINGS_FILE, TRAINABLE, Parent, adapted_member, choose_from,
+                                  decision_for, describe, evaluate_cases, fine_tune, grid_of, guard_thresholds,
+                                  load_parent, mean_foreground, patients_with_weeks, per_class_means, per_week_table, prepared, replay_cases,
                                   run_protocol, settings_for, table_of)
 from pelvicseg.checkpoint import file_sha256, save_checkpoint
 from pelvicseg.cli import run_cli
@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patients", nargs="+", help="with --choose-on-validation: only these validation patients")
     parser.add_argument("--steps", type=int, help=f"training steps (default: RUN/{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['steps']})")
     parser.add_argument("--lr", type=float, help=f"Adam learning rate (default: RUN/{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['lr']:g})")
-    parser.add_argument("--augment", choices=("on", "off"),
-                        help=f"the parent's training augmentation, or crops only (default: RUN/{SETTINGS_FILE}'s, "
-                        f"else {'on' if DEFAULT_SETTINGS['augment'] else 'off'})")
+    parser.add_argument("--augment", choices=("on", "off", "wide"),
+                        help="the parent's training augmentation, crops only, or the augmentation with the wider "
+                        "deformation and scale ranges of week-to-week change (adaptation.WIDE_AUGMENTATION) "
+                        f"(default: RUN/{SETTINGS_FILE}'s, "
+                        f"else {AUGMENT_NAMES[DEFAULT_SETTINGS['augment']]})")
     parser.add_argument("--trainable", choices=TRAINABLE, help="the parameters fine-tuned: all, decoder (encoder "
                         "frozen) or norm_head (normalisation layers and output head) (default: RUN/"
                         f"{SETTINGS_FILE}'s, else {DEFAULT_SETTINGS['trainable']})")
@@ -83,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --choose-on-validation: the step counts scored (0: the parent)")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=list(GRID_LR),
                         help="with --choose-on-validation: the learning rates tried")
-    parser.add_argument("--augment-grid", choices=("on", "off"), nargs="+",
-                        default=["on" if a else "off" for a in GRID_AUGMENT],
-                        help="with --choose-on-validation: augmentation tried on, off or both")
+    parser.add_argument("--augment-grid", choices=("on", "off", "wide"), nargs="+",
+                        default=[AUGMENT_NAMES[a] for a in GRID_AUGMENT],
+                        help="with --choose-on-validation: the augmentations tried")
     parser.add_argument("--trainable-grid", choices=TRAINABLE, nargs="+", default=["all"],
                         help="with --choose-on-validation: the parameter sets fine-tuned")
     parser.add_argument("--l2sp-grid", type=float, nargs="+", default=[0.0],
@@ -116,7 +118,7 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def overrides(args: argparse.Namespace) -> dict:
-    return {"steps": args.steps, "lr": args.lr, "augment": None if args.augment is None else args.augment == "on",
+    return {"steps": args.steps, "lr": args.lr, "augment": AUGMENT_VALUES.get(args.augment),
             "trainable": args.trainable, "l2sp": args.l2sp, "replay": args.replay}
 
 
@@ -317,7 +319,7 @@ def choose(args: argparse.Namespace) -> dict:
     the per-organ decision and the guard's thresholds to adaptation.json."""
     parent, target, cases = open_run(args.choose_on_validation, args, SETTINGS_FILE)
     patients = validation_patients(parent, cases, args.patients)
-    grid = grid_of(args.lr_grid, [a == "on" for a in args.augment_grid], args.trainable_grid, args.l2sp_grid,
+    grid = grid_of(args.lr_grid, [AUGMENT_VALUES[a] for a in args.augment_grid], args.trainable_grid, args.l2sp_grid,
                    args.replay_grid)
     replay = training_replay(parent, args.data_root, max(args.replay_grid), args.seed)
     milestones = sorted(set(args.steps_grid) | {0})

@@ -69,6 +69,13 @@ DEFAULT_GUARD = {"min_overlap": 0.1, "max_volume_ratio": 3.0, "max_centroid_mm":
 GRID_STEPS = (0, 40, 80, 120)
 GRID_LR = (3e-4, 1e-3)
 GRID_AUGMENT = (True, False)
+# augment "wide": the parent's augmentation with the ranges week-to-week change needs. A bladder
+# fills to between half and twice its volume from one week to the next, and the rectum's gas
+# comes and goes: local deformations of about a centimetre (4 voxels at the demo's 4.5 mm), on
+# most crops, and a wider global scale for set-up and habitus changes.
+WIDE_AUGMENTATION = {"scale_range": 0.2, "elastic_prob": 0.8, "elastic_magnitude": 4.0, "spatial_prob": 0.8}
+AUGMENT_NAMES = {False: "off", True: "on", "wide": "wide"}
+AUGMENT_VALUES = {name: value for value, name in AUGMENT_NAMES.items()}
 
 
 @dataclass
@@ -137,7 +144,7 @@ def reference_data(parent: Parent, cases: Sequence[Case], augment: bool) -> Data
     num_classes = len(parent.class_names)
     patch_size = config.get("patch_size")
     cache = cached_dataset(cases, config["spacing"], num_classes, crop_indices=patch_size is not None)
-    on_device = config.get("augment", "device") == "device" or not augment
+    on_device = config.get("augment", "device") == "device" or augment != True  # noqa: E712 - "wide" too
     return Dataset(cache, transform=augmentation(patch_size, num_classes, [0.5] + [1.0] * (num_classes - 1),
                                                  spatial_on_device=on_device))
 
@@ -166,8 +173,9 @@ def fine_tune(parent: Parent, cases: Sequence[Case], settings: dict, device: tor
         loss = L2SPLoss(loss, model, float(settings["l2sp"]))
     trainer = Trainer(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                       loss, config.get("loss", "combined"), amp_dtype)
-    augment = bool(settings["augment"])
-    device_augmentation = DeviceAugmentation() if augment and config.get("augment", "device") == "device" else None
+    augment = settings["augment"]
+    device_augmentation = (DeviceAugmentation(**WIDE_AUGMENTATION) if augment == "wide" else
+                           DeviceAugmentation() if augment and config.get("augment", "device") == "device" else None)
     data = data if data is not None else reference_data(parent, cases, augment)
     if replay:
         data = ConcatDataset([data, reference_data(parent, replay, augment)])
@@ -319,7 +327,7 @@ def replay_cases(cases: Sequence[Case], patients: Sequence[str], count: int, see
 def describe(setting: dict) -> str:
     extra = [f"{k} {setting[k]}" for k in ("trainable", "l2sp", "replay")
              if k in setting and setting[k] != DEFAULT_SETTINGS[k]]
-    return ", ".join([f"lr {setting['lr']:g}", f"augment {setting['augment']}"] + extra)
+    return ", ".join([f"lr {setting['lr']:g}", f"augment {AUGMENT_NAMES[setting['augment']]}"] + extra)
 
 
 def run_protocol(parent: Parent, patients: dict[str, list[Case]], grid: Sequence[dict], milestones: Sequence[int],
@@ -439,7 +447,7 @@ def guard_thresholds(records: Sequence[dict], chosen: dict, class_names: Sequenc
 
 def grid_of(lrs: Sequence[float], augments: Sequence[bool], trainables: Sequence[str] = ("all",),
             l2sps: Sequence[float] = (0.0,), replays: Sequence[int] = (0,)) -> list[dict]:
-    return [{"lr": float(lr), "augment": bool(augment), "trainable": trainable, "l2sp": float(l2sp),
+    return [{"lr": float(lr), "augment": augment if augment == "wide" else bool(augment), "trainable": trainable, "l2sp": float(l2sp),
              "replay": int(replay)}
             for lr in lrs for augment in augments for trainable in trainables for l2sp in l2sps for replay in replays]
 

@@ -369,6 +369,32 @@ def test_guard_falls_back_to_the_parents_organ_and_flags_the_case(parent, adapte
         Segmenter.from_checkpoints(guarded, device="cpu")
 
 
+def test_augment_wide_deforms_more_than_the_parents_augmentation_and_is_recorded(parent, capsys, tmp_path):
+    from dataset import DeviceAugmentation
+
+    # a 12-voxel cube in a 32^3 crop, deformed 20 times by each augmentation with the same seeds:
+    # the share of voxels whose label changed, counted here
+    labels = torch.zeros(1, 1, 32, 32, 32)
+    labels[..., 10:22, 10:22, 10:22] = 1
+    images = labels.clone()
+
+    def changed(augmentation) -> float:
+        shares = []
+        for seed in range(20):
+            _, moved = augmentation(images, labels, torch.Generator().manual_seed(seed))
+            shares.append(float((moved != labels).float().mean()))
+        return sum(shares) / len(shares)
+
+    parents, wide = changed(DeviceAugmentation()), changed(DeviceAugmentation(**adaptation.WIDE_AUGMENTATION))
+    assert wide > 1.5 * parents > 0, (parents, wide)
+
+    out = tmp_path / "wide"
+    code, _, err = run_adapt(["--checkpoint", parent["run"], "--patient", parent["split"]["test"][0], "--steps", "2",
+                              "--lr", "3e-3", "--augment", "wide", "--out", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "adapted.json").read_text())["settings"]["augment"] == "wide"
+
+
 def test_candidates_that_stay_near_the_parent(parent, capsys, tmp_path):
     """--trainable decoder freezes the encoder, --replay mixes a training patient's scan in, --l2sp adds
     the distance to the parent; the grids of --choose-on-validation try them."""

@@ -22,6 +22,9 @@ def test_dynunet_strides_follow_nnunet():
     assert dynunet_strides((64, 64, 32)) == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1], [1, 1, 1]]
 
 
+OURS_CPU = ("ours_eager_fp32", "ours_bf16", "ours_cl_fp32", "ours_bf16_cl")
+
+
 def test_smallest_cpu_run_writes_complete_json(tmp_path):
     # About 20 s on 2 cores: tiny volume, narrow network, one timed step, no loader workers.
     out = tmp_path / "bench.json"
@@ -42,7 +45,8 @@ def test_smallest_cpu_run_writes_complete_json(tmp_path):
     configs = report["configs"]
     assert {"ours_eager_fp32", "attention_unet", "dynunet"} <= set(configs)
     # On the CPU there is no CUDA fast path; ours_compiled only with --compile.
-    assert set(configs) <= {"ours_eager_fp32", "ours_bf16", "attention_unet", "dynunet"}
+    assert {"ours_cl_fp32"} <= set(configs) <= {"ours_eager_fp32", "ours_bf16", "ours_cl_fp32", "ours_bf16_cl",
+                                                "attention_unet", "dynunet"}
     for name, result in configs.items():
         assert "error" not in result, f"{name}: {result.get('error')}"
         # One timed call each: the median, the minimum and the single recorded time are one number.
@@ -78,7 +82,7 @@ def test_smallest_cpu_run_writes_complete_json(tmp_path):
 
     ours = parameters(ImprovedUNet3D(in_channels=1, out_channels=6, channels=channels))
     assert ours != parameters(ImprovedUNet3D())  # --channels reached the network
-    for name in ("ours_eager_fp32", "ours_bf16"):
+    for name in OURS_CPU:
         if name in configs:
             assert configs[name]["parameters"] == ours, name
     assert configs["attention_unet"]["parameters"] == parameters(AttentionUnet(
@@ -92,6 +96,7 @@ def test_smallest_cpu_run_writes_complete_json(tmp_path):
     assert eager["precision"] == "float32" and attention["precision"] == "float32"  # MONAI's nets: fp32 on CPUs
     if "ours_bf16" in configs:
         assert configs["ours_bf16"]["precision"] == "bfloat16"
+    assert configs["ours_cl_fp32"]["channels_last"] is True and configs["ours_cl_fp32"]["precision"] == "float32"
 
     loader = report["loader"]
     assert "error" not in loader, loader.get("error")
@@ -100,7 +105,7 @@ def test_smallest_cpu_run_writes_complete_json(tmp_path):
     assert loader["loader_step_ratio"] == pytest.approx(loader["step_with_loader_ms"] / loader["step_on_device_ms"],
                                                         rel=1e-9)
     # The loader is measured with the fastest of our CPU configurations.
-    ours_cpu = [n for n in ("ours_eager_fp32", "ours_bf16") if n in configs]
+    ours_cpu = [n for n in OURS_CPU if n in configs]
     assert loader["config"] == min(ours_cpu, key=lambda n: configs[n]["train_step_ms"])
     assert (loader["augment"], loader["cases"], loader["workers"]) == ("device", 2, 0)
 

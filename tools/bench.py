@@ -13,6 +13,8 @@ step. Configurations:
   ours_fast               CUDA: bf16 autocast + channels_last_3d + regional torch.compile (train.py's path)
   ours_fast_checkpointing CUDA: the same with gradient checkpointing (the memory-saving choice)
   ours_bf16               CPU with native bf16 (oneDNN): bf16 autocast, eager
+  ours_cl_fp32            CPU: float32 with channels_last_3d (train.py uses it on CUDA only)
+  ours_bf16_cl            CPU with native bf16: bf16 autocast with channels_last_3d
   ours_compiled           CPU, with --compile only: float32 + regional torch.compile
   attention_unet          MONAI AttentionUnet, channels 32..512, eager
   dynunet                 MONAI DynUNet in nnU-Net's configuration, eager
@@ -20,7 +22,7 @@ step. Configurations:
 MONAI's nets run with bf16 autocast on CUDA (train.py's default) and in float32 on the CPU, so on
 the CPU the like-for-like comparison against AttentionUnet is ours_eager_fp32's. ours_bf16 is what
 train.py and predict.py use on CPUs with native bf16 instructions (inference.autocast_dtype); the
-CPU fast path is whichever of ours_eager_fp32, ours_bf16 and ours_compiled is fastest; compiling
+CPU fast path is whichever of our CPU configurations is fastest; compiling
 costs minutes on a small machine, hence --compile.
 
 On the CPU, ONNX Runtime runs the same inference side by side with PyTorch: our network at
@@ -178,6 +180,11 @@ def configurations(device: torch.device, compile_on_cpu: bool) -> list[Config]:
     else:
         if cpu_has_native_bf16():  # the one answer train.py and predict.py use
             configs.append(Config("ours_bf16", "ours, bf16 autocast", "ours", amp=True))
+        # channels_last_3d is train.py's CUDA layout; measured here to decide whether the CPU gets it too
+        configs.append(Config("ours_cl_fp32", "ours, fp32 + channels_last_3d", "ours", channels_last=True))
+        if cpu_has_native_bf16():
+            configs.append(Config("ours_bf16_cl", "ours, bf16 + channels_last_3d", "ours", amp=True,
+                                  channels_last=True))
         if compile_on_cpu:
             configs.append(Config("ours_compiled", "ours, fp32 + compile", "ours", compile=True))
     # MONAI's nets run eager, in the precision train.py uses on this device.
@@ -687,7 +694,7 @@ def add_ratios(results: dict[str, dict]) -> None:
 def fast_configs(results: dict[str, dict], device: torch.device) -> list[str]:
     """Names of our fast-path candidates that ran (on the CPU eager float32 is one of them)."""
     names = (["ours_fast", "ours_fast_checkpointing"] if device.type == "cuda"
-             else ["ours_eager_fp32", "ours_bf16", "ours_compiled"])
+             else ["ours_eager_fp32", "ours_bf16", "ours_cl_fp32", "ours_bf16_cl", "ours_compiled"])
     return [n for n in names if "train_step_ms" in results.get(n, {})]
 
 
