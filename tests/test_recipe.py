@@ -129,6 +129,20 @@ def test_optimizer_sgd_trains_with_nesterov_momentum_and_the_poly_rate(training_
     assert state["config"]["optimizer"] == "sgd"
 
 
+def test_cpu_defaults_train_without_loader_workers_and_record_it(training_root, tmp_path, capsys):
+    """On a CPU the device defaults fill --workers 0 (and one pass an epoch, no warm-up); the values
+    used are in config.json, so --resume elsewhere continues the same run."""
+    import json
+
+    run_dir = tmp_path / "defaults"
+    flags = [f for f in FP32 if f not in ("--workers", "0")]
+    assert "--workers" not in flags and "--device" in flags
+    trained(capsys, training_root, run_dir, *flags, "--epochs", 1)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["workers"], config["steps_per_epoch"], config["warmup_steps"]) == (0, 0, 0)
+    assert train.DEVICE_DEFAULTS["cuda"]["workers"] >= 1
+
+
 def test_validation_runs_on_the_cadence_and_after_the_last_epoch(training_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     stdout = trained(capsys, training_root, run_dir, *FP32, "--epochs", 5, "--steps-per-epoch", 1,
