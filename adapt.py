@@ -34,8 +34,8 @@ from pelvicseg.atomic import write_bytes, write_json
 from pelvicseg.adaptation import (AUGMENT_NAMES, AUGMENT_VALUES, DEFAULT_SETTINGS, GRID_AUGMENT, GRID_LR, GRID_STEPS,
                                   MAX_ORGAN_LOSS, SETTINGS_FILE, TRAINABLE, Parent, adapted_member, choose_from,
                                   decision_for, describe, evaluate_cases, fine_tune, grid_of, guard_thresholds,
-                                  load_parent, mean_foreground, patients_with_weeks, per_class_means, per_week_table, prepared, replay_cases,
-                                  run_protocol, settings_for, table_of)
+                                  load_parent, mean_foreground, patients_with_weeks, per_class_means, per_week_table,
+                                  prepared, replay_cases, run_protocol, settings_for, table_of)
 from pelvicseg.checkpoint import file_sha256, save_checkpoint
 from pelvicseg.cli import run_cli
 from dataset import Case, case_id_from_path, find_cases

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.99 and a poly decay (exponent 0.9; try --lr 1e-2)")
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="peak learning rate: reached after --warmup-steps, then decayed per step (Adam: "
-                        "cosine to 1/100, SGD: poly to 0) at the run's last step")
+                        "cosine to 1/100, SGD: poly towards 0) at the run's last step")
     parser.add_argument("--warmup-steps", type=int,
                         help="optimiser steps of linear learning-rate warm-up from 1/100 of --lr (default: 50 on "
                         "CUDA, 0 on a CPU)")

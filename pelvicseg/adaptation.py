@@ -136,7 +136,7 @@ def decision_for(parent_run: Path, class_names: Sequence[str]) -> tuple[dict, di
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def reference_data(parent: Parent, cases: Sequence[Case], augment: bool) -> Dataset:
+def reference_data(parent: Parent, cases: Sequence[Case], augment: bool | str) -> Dataset:
     """The reference scans preprocessed as the parent's training data (its spacing, its crops
     centred on each class in turn), with the loader half of its augmentation; the device half is
     ``fine_tune``'s. Labels with a class the parent does not know are refused by the loader."""
@@ -144,7 +144,8 @@ def reference_data(parent: Parent, cases: Sequence[Case], augment: bool) -> Data
     num_classes = len(parent.class_names)
     patch_size = config.get("patch_size")
     cache = cached_dataset(cases, config["spacing"], num_classes, crop_indices=patch_size is not None)
-    on_device = config.get("augment", "device") == "device" or augment != True  # noqa: E712 - "wide" too
+    # the spatial half on the device: as the parent trained, or always for crops alone and "wide"
+    on_device = config.get("augment", "device") == "device" or augment is not True
     return Dataset(cache, transform=augmentation(patch_size, num_classes, [0.5] + [1.0] * (num_classes - 1),
                                                  spatial_on_device=on_device))
 
@@ -453,10 +454,10 @@ def guard_thresholds(records: Sequence[dict], chosen: dict, class_names: Sequenc
     return fit_thresholds([r["agreement"] for r in mine], class_names)
 
 
-def grid_of(lrs: Sequence[float], augments: Sequence[bool], trainables: Sequence[str] = ("all",),
+def grid_of(lrs: Sequence[float], augments: Sequence[bool | str], trainables: Sequence[str] = ("all",),
             l2sps: Sequence[float] = (0.0,), replays: Sequence[int] = (0,)) -> list[dict]:
-    return [{"lr": float(lr), "augment": augment if augment == "wide" else bool(augment), "trainable": trainable, "l2sp": float(l2sp),
-             "replay": int(replay)}
+    return [{"lr": float(lr), "augment": augment if augment == "wide" else bool(augment), "trainable": trainable,
+             "l2sp": float(l2sp), "replay": int(replay)}
             for lr in lrs for augment in augments for trainable in trainables for l2sp in l2sps for replay in replays]
 
 

@@ -144,14 +144,15 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
     """The learning rate of optimiser step ``step`` (0-based, counted over the whole run) of a run
     of ``total_steps``: a linear warm-up from ``base_lr / 100`` to ``base_lr`` over
     ``warmup_steps``, then a decay to the run's last step: a cosine down to ``base_lr / 100``, or
-    nnU-Net's poly ``(1 - progress) ** 0.9`` down to 0.
+    nnU-Net's poly ``(1 - progress) ** 0.9`` towards 0.
     A closed form of the global step, so a resumed run continues exactly; a run resumed with more
     --epochs follows, from its next step on, the schedule a fresh run of that length would have."""
     minimum = base_lr * 0.01
     if step < warmup_steps:
         return minimum + (base_lr - minimum) * step / warmup_steps
     if decay == "poly":  # as nnU-Net: the last step's rate is small, not 0
-        return base_lr * (1 - min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)) ** 0.9
+        progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+        return base_lr * (1 - progress) ** 0.9
     progress = min(max((step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1), 0.0), 1.0)
     return minimum + (base_lr - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
 
