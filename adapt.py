@@ -337,7 +337,8 @@ def choose(args: argparse.Namespace) -> dict:
     result = {"chosen": chosen, "organs": organs, "gain": gain, "mean_gain": mean_gain, "guard": guard,
               "criterion": f"the best mean gain over the parent in per-organ Dice of the later weeks (adapted on the "
                            f"first week) among the settings where no organ loses more than {MAX_ORGAN_LOSS}; an "
-                           "organ that loses more in every setting keeps the parent's prediction",
+                           "organ that loses more in every setting, or does not gain in the chosen one, keeps the "
+                           "parent's prediction",
               "max_organ_loss": MAX_ORGAN_LOSS,
               "parent": str(parent.path), "patients": list(patients), "seed": args.seed, "device": str(device),
               "class_names": class_names, "table": table, "train_seconds": outcome["seconds"],
