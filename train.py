@@ -64,6 +64,10 @@ DEFAULT_CHANNELS = (32, 64, 128, 256)
 # not what is trained. Every other setting comes back from the checkpoint.
 OPERATIONAL_FLAGS = {"out", "resume", "debug", "workers", "device", "data_root", "explicit", "deterministic"}
 EXTENDABLE_FLAGS = {"epochs", "patience"}
+# The class weights' power. Runs written before the flag existed used inverse square-root weights,
+# and resume with them.
+CLASS_WEIGHT_POWER = 0.25
+BEFORE_THE_FLAG = {"class_weight_power": 0.5}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", choices=("ce", "dice", "combined"), default="combined",
                         help="class-weighted cross-entropy, Dice, or both summed (MONAI DiceCELoss)")
     parser.add_argument("--class-weighting", choices=("ce-dice", "ce", "none"), default="ce-dice",
-                        help="inverse square-root class-frequency weights in both loss terms, in the "
+                        help="class weights (see --class-weight-power) in both loss terms, in the "
                         "cross-entropy only, or in neither")
+    parser.add_argument("--class-weight-power", type=float, default=CLASS_WEIGHT_POWER,
+                        help="each class weighs (its share of the training voxels) to the minus this power, "
+                        "normalised to mean 1: 0.5 is inverse square-root frequency, 0 weighs all alike "
+                        f"(default {CLASS_WEIGHT_POWER})")
     parser.add_argument("--crop-ratios", type=float, nargs="+",
                         help="with --patch-size: relative frequency of training crops centred on each class, in "
                         "label order (default: 0.5 for background, 1 for every other class)")
@@ -168,7 +176,7 @@ def restore_settings(args: argparse.Namespace, stored: dict) -> None:
     """--resume: every setting comes back from the checkpoint. --epochs and --patience given again
     extend the run; any other training flag given with a different value is an error naming it."""
     explicit = set(getattr(args, "explicit", []))
-    for key, value in stored.items():
+    for key, value in {**BEFORE_THE_FLAG, **stored}.items():
         if key in OPERATIONAL_FLAGS and getattr(args, key, None) is not None:
             continue
         if key in EXTENDABLE_FLAGS and key in explicit:
@@ -439,7 +447,7 @@ def prepare_data(args, context: Context, run_dir: Path, resumed: bool, cases, cl
         args.roi_size = list(args.patch_size) if args.patch_size else [
             int(math.ceil(s / 16) * 16) for s in np.median(shapes, axis=0)]
     counts = class_voxel_counts(train_cache, num_classes)
-    class_weights = torch.as_tensor(class_weights_from_counts(counts))
+    class_weights = torch.as_tensor(class_weights_from_counts(counts, args.class_weight_power))
     # Crops centred on each foreground class equally often, background rarely: rare organs are seen.
     crop_ratios = list(args.crop_ratios) if args.crop_ratios else [0.5] + [1.0] * (num_classes - 1)
     if len(crop_ratios) != num_classes:
@@ -449,7 +457,8 @@ def prepare_data(args, context: Context, run_dir: Path, resumed: bool, cases, cl
     if context.is_main:
         print_banner(args, context, split, len(train_cases), len(val_cases))
         used = {"ce-dice": "in both loss terms", "ce": "in the cross-entropy only", "none": "not used"}
-        print(f"Class weights (training voxel counts; {used[args.class_weighting]}): " + ", ".join(
+        print(f"Class weights (training voxel counts to the power -{args.class_weight_power:g}; "
+              f"{used[args.class_weighting]}): " + ", ".join(
             f"{n} {w:.2f}" for n, w in zip(class_names, class_weights.tolist())))
         write_text(run_dir / "config.json", json.dumps(plain_config(args), indent=2) + "\n")
     return Data(split, class_names, train_data, val_cache, val_cases, class_weights)

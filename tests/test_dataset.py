@@ -407,6 +407,14 @@ def test_class_weights_favour_rare_classes():
     assert weights[5] / weights[0] == pytest.approx(np.sqrt(603_500 / 1_000), rel=1e-4)
 
 
+def test_class_weight_power_by_hand():
+    counts = np.array([800, 100, 100])  # shares 0.8, 0.1, 0.1
+    raw = np.array([0.8, 0.1, 0.1]) ** -0.25  # 1.0574, 1.7783, 1.7783
+    np.testing.assert_allclose(class_weights_from_counts(counts, 0.25), raw / raw.mean(), rtol=1e-6)
+    assert class_weights_from_counts(counts, 0.25)[1] == pytest.approx(1.7783 / ((1.0574 + 2 * 1.7783) / 3), rel=1e-3)
+    np.testing.assert_allclose(class_weights_from_counts(counts, 0.0), 1.0)
+
+
 def test_class_weights_absent_class_gets_largest_weight():
     weights = class_weights_from_counts(np.array([900, 90, 0, 10]))
     assert np.isfinite(weights).all()

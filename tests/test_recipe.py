@@ -12,6 +12,7 @@ definition, step counts from the flags. Nothing of the project is mocked.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +32,7 @@ if str(REPO) not in sys.path:  # scripts, not an installed package
 import train  # noqa: E402
 from conftest import write_dataset  # noqa: E402
 from pelvicseg import training  # noqa: E402
+from pelvicseg.checkpoint import load_checkpoint  # noqa: E402
 from pelvicseg.cli import run_cli  # noqa: E402
 from pelvicseg.figures import save_training_curves  # noqa: E402
 
@@ -301,7 +304,7 @@ def test_class_weighting_and_crop_ratios_reach_the_run(training_root, tmp_path, 
     both (so --resume and adapt.py read them back), and a wrong number of ratios is one line."""
     out = trained(capsys, training_root, tmp_path / "run", *FP32, "--patch-size", "8", "8", "8", "--epochs", "1",
                   "--steps-per-epoch", "1", "--class-weighting", "none", "--crop-ratios", "0", "0", "0", "0", "0", "1")
-    assert "Class weights (training voxel counts; not used)" in out
+    assert "Class weights (training voxel counts to the power -0.25; not used)" in out
     import json
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["class_weighting"] == "none" and config["crop_ratios"] == [0, 0, 0, 0, 0, 1]
@@ -310,6 +313,31 @@ def test_class_weighting_and_crop_ratios_reach_the_run(training_root, tmp_path, 
                                                *FP32, "--patch-size", "8", "8", "8", "--crop-ratios", "1", "1"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: --crop-ratios: 2 value(s) for 6 classes"], err
+
+
+def test_class_weight_power_reaches_the_weights_and_an_older_run_resumes_with_its_own(training_root, tmp_path,
+                                                                                        capsys):
+    """Weights are frequency^-p normalised to mean 1, so a run at power 0.5 holds, class against
+    class, the squares of the ratios a run at 0.25 holds (same training labels, counts unknown to
+    the test). A last.pt written before the flag existed (no class_weight_power in its settings)
+    resumes with the inverse square-root weights it was trained with, not with the new default."""
+    flags = [*FP32, "--epochs", "1", "--steps-per-epoch", "1"]
+    trained(capsys, training_root, tmp_path / "quarter", *flags)
+    trained(capsys, training_root, tmp_path / "half", *flags, "--class-weight-power", "0.5")
+    quarter = np.array(load_checkpoint(tmp_path / "quarter" / "best.pt")["class_weights"])
+    half = np.array(load_checkpoint(tmp_path / "half" / "best.pt")["class_weights"])
+    assert json.loads((tmp_path / "quarter" / "config.json").read_text())["class_weight_power"] == 0.25
+    np.testing.assert_allclose(half / half[0], (quarter / quarter[0]) ** 2, rtol=1e-4)
+    assert half.max() / half.min() > 2.0  # the phantom's classes are far from equally common
+
+    last = tmp_path / "half" / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    del state["config"]["class_weight_power"]
+    torch.save(state, last)
+    trained(capsys, training_root, tmp_path / "half", "--resume", "--epochs", "2")
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == 2 and resumed["config"]["class_weight_power"] == 0.5
+    np.testing.assert_allclose(np.array(resumed["class_weights"]), half, rtol=1e-6)
 
 
 def test_class_weighting_puts_the_weights_where_it_says():

@@ -80,6 +80,11 @@ MUTATIONS = (
              "member = adapted_member(parent, weights)", "member = parent.member",
              ("tests/test_adapt.py::test_choose_on_validation_then_adapt_uses_it_and_evaluate_compares_with_the_parent",),
              "--choose-on-validation scores every step count with the parent's weights"),
+    Mutation("older_run_resumed_with_new_weights", "train.py",
+             "for key, value in {**BEFORE_THE_FLAG, **stored}.items():", "for key, value in stored.items():",
+             ("tests/test_recipe.py::"
+              "test_class_weight_power_reaches_the_weights_and_an_older_run_resumes_with_its_own",),
+             "a run written before --class-weight-power resumes with the new default's class weights"),
 )
 
 
