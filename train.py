@@ -388,6 +388,9 @@ def setup_run(args: argparse.Namespace) -> tuple[Context, Path, dict | None]:
                         "after resampling to one spacing, so only crops can be batched")
     if (args.folds is None) != (args.fold is None):
         raise DataError(f"{run_dir}: --folds and --fold go together")
+    if args.class_weight_power < 0:
+        raise DataError(f"{run_dir}: --class-weight-power {args.class_weight_power:g} would weigh the common "
+                        "classes most; give 0 (no weighting) or more")
     return context, run_dir, resume_state
 
 

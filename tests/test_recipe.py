@@ -339,6 +339,13 @@ def test_class_weight_power_reaches_the_weights_and_an_older_run_resumes_with_it
     assert resumed["epoch"] == 2 and resumed["config"]["class_weight_power"] == 0.5
     np.testing.assert_allclose(np.array(resumed["class_weights"]), half, rtol=1e-6)
 
+    capsys.readouterr()
+    code = run_cli(train.main, train.get_args(["--data-root", str(training_root), "--out", str(tmp_path / "bad"),
+                                               *flags, "--class-weight-power", "-0.5"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--class-weight-power -0.5 would weigh the common classes" in err[0], err
+    assert not (tmp_path / "bad" / "config.json").exists()
+
 
 def test_class_weighting_puts_the_weights_where_it_says():
     """The loss by hand: cross-entropy with or without per-class weights (a weighted mean over
