@@ -768,7 +768,7 @@ def class_voxel_counts(dataset: CacheDataset, num_classes: int) -> np.ndarray:
     return counts
 
 
-def class_weights_from_counts(counts: np.ndarray, power: float = 0.5) -> np.ndarray:
+def class_weights_from_counts(counts: np.ndarray, power: float) -> np.ndarray:
     """Inverse class frequency to the power ``power`` (0.5: inverse square root), normalised to
     mean 1.
 

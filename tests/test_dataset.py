@@ -400,7 +400,7 @@ def test_split_file_written_and_reused(tmp_path, hipmri):
 
 def test_class_weights_favour_rare_classes():
     counts = np.array([603_500, 354_700, 33_700, 5_700, 1_400, 1_000])  # HipMRI's shares
-    weights = class_weights_from_counts(counts)
+    weights = class_weights_from_counts(counts, 0.5)
     assert weights.dtype == np.float32 and weights.shape == (6,)
     assert np.isclose(weights.mean(), 1.0, atol=1e-6)
     assert np.all(np.diff(weights) > 0)  # rarer -> larger, strictly
@@ -416,10 +416,10 @@ def test_class_weight_power_by_hand():
 
 
 def test_class_weights_absent_class_gets_largest_weight():
-    weights = class_weights_from_counts(np.array([900, 90, 0, 10]))
+    weights = class_weights_from_counts(np.array([900, 90, 0, 10]), 0.5)
     assert np.isfinite(weights).all()
     assert weights[2] == pytest.approx(weights.max()) and weights[2] == pytest.approx(weights[3])
-    assert np.allclose(class_weights_from_counts(np.zeros(3, dtype=np.int64)), 1.0)
+    assert np.allclose(class_weights_from_counts(np.zeros(3, dtype=np.int64), 0.5), 1.0)
 
 
 def test_device_augmentation_rotation_is_rigid_on_a_non_cubic_patch():

@@ -305,7 +305,6 @@ def test_class_weighting_and_crop_ratios_reach_the_run(training_root, tmp_path, 
     out = trained(capsys, training_root, tmp_path / "run", *FP32, "--patch-size", "8", "8", "8", "--epochs", "1",
                   "--steps-per-epoch", "1", "--class-weighting", "none", "--crop-ratios", "0", "0", "0", "0", "0", "1")
     assert "Class weights (training voxel counts to the power -0.25; not used)" in out
-    import json
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["class_weighting"] == "none" and config["crop_ratios"] == [0, 0, 0, 0, 0, 1]
     capsys.readouterr()
