@@ -11,9 +11,8 @@ parent run's validation patients (``choose_from``): each validation patient with
 weeks is adapted on its first week and scored on its later weeks, for every setting of a small
 grid. The setting with the best mean gain over the parent wins among those where no organ loses
 more than ``MAX_ORGAN_LOSS``; an organ that loses more in every setting, or does not gain in the
-chosen one, stays the parent's. Test
-patients never enter it. The same later weeks fit the guard (``guard.fit_thresholds``) that every
-prediction of the adapted model runs against its parent.
+chosen one, stays the parent's. Test patients never enter it. The same later weeks fit the guard
+(``guard.fit_thresholds``) that every prediction of the adapted model runs against its parent.
 
 The settings beside steps, rate and augmentation keep the adapted model near its parent:
 ``trainable`` ("all", "decoder": the encoder frozen, "norm_head": only the normalisation layers and
